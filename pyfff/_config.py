@@ -1,0 +1,48 @@
+"""Version and build/runtime configuration (``pyfff.show_config()``)."""
+from __future__ import annotations
+
+import platform
+import sys
+
+__version__ = "0.1.0"
+
+
+def _config_dict():
+    from threadpoolctl import threadpool_info
+
+    from . import _fff_cpu
+    from ._openmp_helpers import _openmp_effective_n_threads, _openmp_parallelism_enabled
+
+    import numpy as np
+
+    pools = threadpool_info()
+    openmp = [p for p in pools if p.get("user_api") == "openmp"]
+    blas = [p for p in pools if p.get("user_api") == "blas"]
+    return {
+        "pyfff": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "openmp": _openmp_parallelism_enabled(),
+        "openmp_runtime": [f"{p.get('internal_api')} {p.get('version') or ''} ({p.get('filepath')})".strip()
+                           for p in openmp],
+        "default_n_threads": _openmp_effective_n_threads(None),
+        "simd_variant": _fff_cpu.simd_variant(),
+        "blas": [f"{p.get('internal_api')} {p.get('version')} {p.get('architecture') or ''} "
+                 f"threads={p.get('num_threads')}" for p in blas],
+    }
+
+
+def show_config(file=None):
+    """Print pyfff's version, OpenMP on/off and runtime, default threads, SIMD variant and BLAS.
+
+    Returns the same information as a dict.
+    """
+    cfg = _config_dict()
+    out = file or sys.stdout
+    width = max(len(k) for k in cfg)
+    for key, value in cfg.items():
+        if isinstance(value, list):
+            value = "; ".join(value) if value else "(none loaded)"
+        print(f"{key:<{width}} : {value}", file=out)
+    return cfg
