@@ -1,0 +1,268 @@
+"""``pyfff bench``: time the FFF kernel against dense feedforward layers and print a table.
+
+The timing, checking and speed-up logic lives in :mod:`pyfff.benchmark`; this
+module parses the options, runs the cases (progress on stderr), prints the
+table on stdout, and writes ``--json`` / ``--plot`` files.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+from . import benchmark as B
+
+DEFAULT_BATCHES = (1, 2048, 16384)
+DEFAULT_KERNELS = ("pyfff", "dense", "dense_gelu")
+PLOT_FAMILIES = {"fff": "-o", "dense": "--s", "reference": ":^"}
+
+
+def _int_list(text):
+    """'1,2048' or '1-14' (inclusive range) or a mix: '1-4,8' -> [1, 2, 3, 4, 8]."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            if sep:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise argparse.ArgumentTypeError(f"empty range {part!r}")
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer or a range a-b: {part!r}") from None
+    return out
+
+
+def _str_list(text):
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _flatten(lists, default):
+    if not lists:
+        return list(default)
+    seen = []
+    # action="append" + nargs="+" + a type returning a list: three levels
+    for item in itertools.chain.from_iterable(itertools.chain.from_iterable(lists)):
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "bench",
+        help="time the FFF kernel against dense feedforward layers (same threads, same run)",
+        description=(
+            "Time pyfff's FFF layer against the dense feedforward of the same neuron count (two BLAS matrix "
+            "products on the same number of threads), check every output against the reference, and print "
+            "time per token and speed-up over dense. Lists take commas and ranges: --depth 1-14, --batch 1,2048. "
+            "By default every batch is run at every depth (--star: each batch at --star-depth and each depth "
+            "at --star-batch, which is what --plot needs)."),
+    )
+    p.add_argument("--batch", type=_int_list, nargs="+", action="append", metavar="N",
+                   help=f"tokens per call (default: {','.join(map(str, DEFAULT_BATCHES))})")
+    p.add_argument("--depth", type=_int_list, nargs="+", action="append", metavar="D",
+                   help=f"tree depth; the dense baseline has 2**(D+1)-1 neurons (default: {B.DEFAULT_DEPTH})")
+    p.add_argument("--width", type=_int_list, nargs="+", action="append", metavar="W",
+                   help=f"d_in = d_out (default: {B.DEFAULT_WIDTH})")
+    p.add_argument("--threads", type=_int_list, nargs="+", action="append", metavar="T",
+                   help="thread counts (default: 1 and all usable cores)")
+    p.add_argument("--dtype", type=_str_list, nargs="+", action="append", metavar="DTYPE",
+                   help="float32 and/or float64 (default: float32)")
+    p.add_argument("--kernels", type=_str_list, nargs="+", action="append", metavar="K",
+                   help=(f"implementations (default: {','.join(DEFAULT_KERNELS)}); also numpy_ref, dense_<N>, "
+                         f"dense_<N>_gelu, e.g. dense_{B.BERT_BASE_NEURONS}"))
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed runs per case after one warm-up (default 5; calls over ~1 s get fewer, "
+                        "fast ones more; the best run is reported)")
+    p.add_argument("--max-time", type=float, default=3.0, metavar="S",
+                   help="stop timing a case after S seconds once 2 runs are done (default 3)")
+    p.add_argument("--star", action="store_true",
+                   help="run the batches at --star-depth only and the depths at --star-batch only")
+    p.add_argument("--star-depth", type=int, default=B.DEFAULT_DEPTH, help="depth of the batch sweep with --star")
+    p.add_argument("--star-batch", type=int, default=2048, help="batch of the depth sweep with --star")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    p.add_argument("--json", metavar="FILE", help="write the machine info and all results as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw time per token against depth and against batch (needs matplotlib: pip install "
+                        "'pyfff[plot]')")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+
+
+def plan(args):
+    """The (shape, n_threads, kernel) cases of a run, in order, from the parsed options."""
+    batches = _flatten(args.batch, DEFAULT_BATCHES)
+    depths = _flatten(args.depth, [B.DEFAULT_DEPTH])
+    widths = _flatten(args.width, [B.DEFAULT_WIDTH])
+    n_all = B.all_threads()
+    threads = _flatten(args.threads, sorted({1, n_all}))
+    dtypes = _flatten(args.dtype, ["float32"])
+    kernels = _flatten(args.kernels, DEFAULT_KERNELS)
+    for name, values, low in (("batch", batches, 1), ("depth", depths, 0), ("width", widths, 1),
+                              ("threads", threads, 1)):
+        bad = [v for v in values if v < low]
+        if bad:
+            raise ValueError(f"--{name} values must be >= {low}, got {bad}")
+    for dt in dtypes:
+        if dt not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be float32 or float64, got {dt!r}")
+    impls = B.available_impls()
+    for k in kernels:
+        if k not in impls and not B._DENSE_NAME.match(k):
+            raise ValueError(f"unknown kernel {k!r}; expected one of {list(impls)}")
+    if args.star:
+        pairs = [(b, args.star_depth) for b in batches]
+        pairs += [(args.star_batch, d) for d in depths if (args.star_batch, d) not in pairs]
+    else:
+        pairs = [(b, d) for d in depths for b in batches]
+    cases = []
+    for width, dtype, (batch, depth), n in itertools.product(widths, dtypes, pairs, threads):
+        shape = B.Shape(batch=batch, depth=depth, width=width, dtype=dtype)
+        for k in kernels:
+            if k == "numpy_ref" and n != threads[0]:
+                continue  # single-threaded: once per shape
+            cases.append((shape, n, k))
+    return cases
+
+
+def _progress(args, text):
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_cases(args, cases):
+    """Run every case; returns (results, skipped) with speed-ups filled in."""
+    results, skipped = [], []
+    t_start = time.perf_counter()
+    for i, (shape, n, kernel) in enumerate(cases, 1):
+        where = f"[{i}/{len(cases)}] {kernel} threads={n} batch={shape.batch} depth={shape.depth} " \
+                f"width={shape.width} {shape.dtype}"
+        try:
+            work = B.Workload(shape, args.seed)
+            prep = B.prepare(kernel, work, n)
+        except B.Unavailable as exc:
+            skipped.append(f"{kernel} ({shape.label}, {n} threads): {exc}")
+            _progress(args, f"{where}: skipped ({exc})")
+            continue
+        times, out = B.measure(prep, repeat=args.repeat, max_time=args.max_time)
+        res = B.result_from(prep, shape, times, prep.check(out))
+        del out
+        results.append(res)
+        _progress(args, f"{where}: {res.us_per_token:.3f} us/token, {res.n_runs} runs, "
+                        f"correct={'yes' if res.correct else 'NO'}  ({time.perf_counter() - t_start:.1f} s)")
+    return B.speedups(results), skipped
+
+
+def _fmt_time(us):
+    return f"{us:.3g}" if us < 1000 else f"{us:.0f}"
+
+
+def format_table(results):
+    """The results as a fixed-width text table (one row per result, in run order)."""
+    head = ["kernel", "threads", "batch", "depth", "width", "us/token", "speed-up", "GFLOP/s", "GB/s", "correct"]
+    rows = []
+    for r in results:
+        rows.append([
+            r.kernel, str(r.n_threads), str(r.batch), str(r.depth), str(r.width), _fmt_time(r.us_per_token),
+            "-" if r.speedup is None else f"{r.speedup:.1f}x", f"{r.gflops:.1f}", f"{r.gbytes_per_s:.1f}",
+            "yes" if r.correct else "NO",
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
+def _plot_label(r, attr):
+    """A line's name; along depth the dense FF's neuron count changes with the tree's."""
+    if r.family == "dense" and attr == "depth" and r.n_neurons == 2 ** (r.depth + 1) - 1:
+        return r.kernel.replace(f"_{r.n_neurons}", " (tree's neurons)")
+    return r.kernel
+
+
+def write_plot(results, path):
+    """Time per token against depth (at the batch with most depths) and against batch (at the depth with most
+    batches), one line per kernel and thread count. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def best_fixed(attr, other):
+        counts = {}
+        for r in results:
+            counts.setdefault(getattr(r, other), set()).add(getattr(r, attr))
+        # the fixed value under which `attr` varies most; ties: the larger fixed value
+        return max(counts, key=lambda v: (len(counts[v]), v))
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, attr, other in ((axes[0], "depth", "batch"), (axes[1], "batch", "depth")):
+        fixed = best_fixed(attr, other)
+        lines = {}
+        for r in results:
+            if getattr(r, other) == fixed:
+                lines.setdefault((r.family, _plot_label(r, attr), r.n_threads), []).append(r)
+        for (family, kernel, n), rs in sorted(lines.items()):
+            rs.sort(key=lambda r: getattr(r, attr))
+            ax.plot([getattr(r, attr) for r in rs], [r.us_per_token for r in rs], PLOT_FAMILIES.get(family, "-"),
+                    label=f"{kernel}, {n} thread{'s' if n > 1 else ''}")
+        ax.set_yscale("log")
+        if attr == "batch":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(attr)
+        ax.set_ylabel("time per token (us)")
+        width = results[0].width if results else B.DEFAULT_WIDTH
+        ax.set_title(f"width {width}, {other} {fixed}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args):
+    """Entry point of ``pyfff bench``; returns the exit status (1 if any output was wrong)."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("pyfff bench: --plot needs matplotlib; install it with: pip install 'pyfff[plot]'",
+                  file=sys.stderr)
+            return 2
+    try:
+        cases = plan(args)
+    except ValueError as exc:
+        print(f"pyfff bench: {exc}", file=sys.stderr)
+        return 2
+    _progress(args, f"pyfff bench: {len(cases)} cases")
+    t0 = time.perf_counter()
+    results, skipped = run_cases(args, cases)
+    elapsed = time.perf_counter() - t0
+    print("pyfff bench: best timed call after 1 warm-up (time.perf_counter); speed-up = time of the dense FF "
+          "with the tree's neuron count (two BLAS matmuls, activation not timed) on the same threads and batch "
+          "in this run / time of this row; correct = first rows match pyfff.reference")
+    print(format_table(results))
+    for line in skipped:
+        print(f"skipped: {line}")
+    wrong = [r for r in results if not r.correct]
+    for r in wrong:
+        print(f"WRONG: {r.kernel} threads={r.n_threads} batch={r.batch} depth={r.depth}: {r.check['detail']}")
+    print(f"total {elapsed:.1f} s")
+    if args.json:
+        doc = {"machine": B.machine_info(), "command": sys.argv, "elapsed_s": elapsed,
+               "results": [r.as_dict() for r in results], "skipped": skipped}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        _progress(args, f"wrote {args.json}")
+    if args.plot:
+        write_plot(results, args.plot)
+        _progress(args, f"wrote {args.plot}")
+    return 1 if wrong else 0
