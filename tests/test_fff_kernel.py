@@ -263,3 +263,17 @@ def test_nan_input_row(global_random_seed, dtype, activation):
         leftmost = [2 ** level - 1 for level in range(6)]
         np.testing.assert_array_equal(layer.routes(x_nan, n_threads=n_threads)[[3, 20]], [[leftmost] * 2] * 2)
     compare_with_reference(layer, x_nan)
+
+
+def test_concurrent_calls_from_python_threads(global_random_seed):
+    """The GIL is released in the kernel: calls from several Python threads must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer, x = random_layer_and_x(global_random_seed, 600, 48, 16, 8, n_trees=2)
+    expected = layer(x, n_threads=1)
+    chunks = [x[i::4] for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: (layer(c, n_threads=2), layer(x, n_threads=1)), chunks * 2))
+    for i, (y_chunk, y_all) in enumerate(results):
+        np.testing.assert_array_equal(y_chunk, expected[i % 4::4], strict=True)
+        np.testing.assert_array_equal(y_all, expected, strict=True)
