@@ -1,8 +1,8 @@
 """Compiled FFF kernels (private). Validation lives in pyfff/fff.py.
 
-The entry points take C-contiguous typed memoryviews, preallocated outputs
-and an explicit thread count, and do no validation: pyfff.FFF checks dtypes,
-shapes and depth before it calls them. The GIL is released for the whole
+The entry point takes C-contiguous NumPy arrays, preallocated outputs and an
+explicit thread count; pyfff.FFF checks dtypes, shapes and depth before it
+calls it (the entry point re-checks only what would otherwise crash). The GIL is released for the whole
 kernel. The C kernels are in src/fff_kernels.h (one tile of tokens per call);
 this module splits the batch into tiles and hands them to OpenMP threads.
 
@@ -13,6 +13,10 @@ identical for every ``n_threads``.
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
+
+cimport numpy as cnp
+
+cnp.import_array()
 
 cdef extern from "fff_cpu.h" nogil:
     const char *fff_simd_variant()
@@ -44,102 +48,137 @@ def simd_variant():
     return fff_simd_variant().decode()
 
 
-cdef inline size_t _scratch_bytes(floating *dummy, Py_ssize_t n_tile, int depth, int n_trees) noexcept nogil:
+cdef int _run(const floating *x, const floating *w_in, const floating *b_in, const floating *w_out,
+              Py_ssize_t n, Py_ssize_t d_in, Py_ssize_t d_out, int depth, int n_trees, int act,
+              floating *y, int64_t *routes, int n_threads, Py_ssize_t tile) noexcept nogil:
+    """Cut the batch into tiles and run them; returns 0, or -1 if scratch could not be allocated.
+
+    The per-thread scratch is allocated inside the parallel block and freed
+    there. Failure is reported through a pointer: a plain variable assigned
+    inside a parallel block is thread-private. Every thread enters the prange
+    (an OpenMP worksharing loop must be met by all threads or none); a thread
+    without scratch only marks its tiles as failed.
+    """
+    cdef Py_ssize_t n_tiles, t_size, i, start, stop
+    cdef Py_ssize_t n_path = n_trees * (depth + 1)
+    cdef size_t n_bytes
+    cdef void *scratch = NULL
+    cdef int failed_flag = 0
+    cdef int *failed = &failed_flag
+    # Tiles: at least one per thread, at most `tile` tokens each.
+    t_size = min(tile, (n + n_threads - 1) // n_threads)
+    n_tiles = (n + t_size - 1) // t_size
+    if n_threads > n_tiles:
+        n_threads = <int>n_tiles
     if floating is float:
-        return fff_scratch_bytes_f32(n_tile, depth, n_trees)
+        n_bytes = fff_scratch_bytes_f32(t_size, depth, n_trees)
     else:
-        return fff_scratch_bytes_f64(n_tile, depth, n_trees)
+        n_bytes = fff_scratch_bytes_f64(t_size, depth, n_trees)
+
+    if n_threads == 1:
+        scratch = malloc(n_bytes)
+        if scratch == NULL:
+            return -1
+        for i in range(n_tiles):
+            start = i * t_size
+            stop = min(start + t_size, n)
+            _tile(x, w_in, b_in, w_out, start, stop, d_in, d_out, depth, n_trees, act, y, routes, n_path, scratch)
+        free(scratch)
+        return 0
+    with parallel(num_threads=n_threads):
+        scratch = malloc(n_bytes)   # thread-local: assigned inside the parallel block
+        for i in prange(n_tiles, schedule="static"):
+            if scratch == NULL:
+                failed[0] = 1
+            else:
+                start = i * t_size
+                stop = min(start + t_size, n)
+                _tile(x, w_in, b_in, w_out, start, stop, d_in, d_out, depth, n_trees, act, y, routes, n_path,
+                      scratch)
+        free(scratch)
+    return -failed_flag
 
 
-cdef inline void _tile(const floating[:, ::1] x, const floating[:, ::1] w_in, const floating *b_in,
-                       const floating[:, ::1] w_out, Py_ssize_t start, Py_ssize_t stop, int depth,
-                       int n_trees, int act, floating *y, Py_ssize_t ldy, int64_t *routes,
+cdef inline void _tile(const floating *x, const floating *w_in, const floating *b_in, const floating *w_out,
+                       Py_ssize_t start, Py_ssize_t stop, Py_ssize_t d_in, Py_ssize_t d_out, int depth,
+                       int n_trees, int act, floating *y, int64_t *routes, Py_ssize_t n_path,
                        void *scratch) noexcept nogil:
     cdef floating *y_tile = NULL
     cdef int64_t *r_tile = NULL
     if y != NULL:
-        y_tile = y + start * ldy
+        y_tile = y + start * d_out
     if routes != NULL:
-        r_tile = routes + start * n_trees * (depth + 1)
+        r_tile = routes + start * n_path
     if floating is float:
-        fff_forward_tile_f32(&x[start, 0], x.shape[1], &w_in[0, 0], w_in.shape[1], b_in, &w_out[0, 0],
-                             w_out.shape[1], stop - start, x.shape[1], w_out.shape[1], depth, n_trees, act,
-                             y_tile, ldy, r_tile, scratch)
+        fff_forward_tile_f32(x + start * d_in, d_in, w_in, d_in, b_in, w_out, d_out, stop - start, d_in, d_out,
+                             depth, n_trees, act, y_tile, d_out, r_tile, scratch)
     else:
-        fff_forward_tile_f64(&x[start, 0], x.shape[1], &w_in[0, 0], w_in.shape[1], b_in, &w_out[0, 0],
-                             w_out.shape[1], stop - start, x.shape[1], w_out.shape[1], depth, n_trees, act,
-                             y_tile, ldy, r_tile, scratch)
+        fff_forward_tile_f64(x + start * d_in, d_in, w_in, d_in, b_in, w_out, d_out, stop - start, d_in, d_out,
+                             depth, n_trees, act, y_tile, d_out, r_tile, scratch)
 
 
-def fff_forward(const floating[:, ::1] x,       # IN  (n_samples, d_in)
-                const floating[:, ::1] w_in,    # IN  (n_trees * n_nodes, d_in)
-                const floating[::1] b_in,       # IN  (n_trees * n_nodes,) or None
-                const floating[:, ::1] w_out,   # IN  (n_trees * n_nodes, d_out)
+cdef inline void *_data(cnp.ndarray a, int typenum, Py_ssize_t n_elems, str name) except NULL:
+    """Data pointer of a C-contiguous array of this type and size (cheap checks, no copies)."""
+    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_SIZE(a) != n_elems:
+        raise ValueError(f"internal error: {name} must be a C-contiguous array of {n_elems} elements of the "
+                         "layer dtype (pyfff.FFF prepares it)")
+    return cnp.PyArray_DATA(a)
+
+
+def fff_forward(cnp.ndarray x,          # IN  (n_samples, d_in), C-contiguous, layer dtype
+                cnp.ndarray w_in,       # IN  (n_trees * n_nodes, d_in)
+                object b_in,            # IN  (n_trees * n_nodes,) or None
+                cnp.ndarray w_out,      # IN  (n_trees * n_nodes, d_out)
                 int depth, int n_trees, int act,
-                floating[:, ::1] y,             # OUT (n_samples, d_out) or None
-                int64_t[:, :, ::1] routes,      # OUT (n_samples, n_trees, depth + 1) or None
+                object y,               # OUT (n_samples, d_out) or None
+                object routes,          # OUT (n_samples, n_trees, depth + 1) int64, or None
                 int n_threads, Py_ssize_t tile=DEFAULT_TILE):
     """FFF forward pass of a batch: fills ``y`` and/or ``routes``.
+
+    Takes NumPy arrays (not typed memoryviews): acquiring five buffers and a
+    fused-type dispatch cost about a microsecond, as much as the whole batch-1
+    kernel. Shapes, dtypes and contiguity are checked (cheaply) so misuse
+    raises instead of crashing; pyfff.FFF does the user-facing validation.
 
     The batch is cut into tiles of at most ``tile`` tokens (fewer when that
     leaves a thread idle); tiles go to ``n_threads`` OpenMP threads with a
     static schedule, since every token costs the same (depth x width).
     """
-    cdef Py_ssize_t n = x.shape[0]
-    cdef Py_ssize_t n_tiles, t_size, i, start, stop
-    cdef const floating *b_ptr = NULL
-    cdef floating *y_ptr = NULL
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef Py_ssize_t n, d_in, d_out, n_rows
+    cdef void *b_ptr = NULL
+    cdef void *y_ptr = NULL
     cdef int64_t *r_ptr = NULL
-    cdef Py_ssize_t ldy = 0
-    cdef size_t n_bytes
-    cdef void *scratch = NULL
+    cdef int status
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError("internal error: x must be float32 or float64")
+    if cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_NDIM(w_in) != 2 or cnp.PyArray_NDIM(w_out) != 2:
+        raise ValueError("internal error: x, w_in and w_out must be 2-D")
+    if depth < 0 or depth > 30 or n_trees < 1 or n_threads < 1 or tile < 1:
+        raise ValueError("internal error: bad depth, n_trees, n_threads or tile")
+    n = cnp.PyArray_DIM(x, 0)
+    d_in = cnp.PyArray_DIM(x, 1)
+    d_out = cnp.PyArray_DIM(w_out, 1)
+    n_rows = n_trees * ((<Py_ssize_t>2 << depth) - 1)
+    cdef void *x_ptr = _data(x, typenum, n * d_in, "x")
+    cdef void *wi_ptr = _data(w_in, typenum, n_rows * d_in, "w_in")
+    cdef void *wo_ptr = _data(w_out, typenum, n_rows * d_out, "w_out")
+    if b_in is not None:
+        b_ptr = _data(b_in, typenum, n_rows, "b_in")
+    if y is not None:
+        y_ptr = _data(y, typenum, n * d_out, "y")
+    if routes is not None:
+        r_ptr = <int64_t *>_data(routes, cnp.NPY_INT64, n * n_trees * (depth + 1), "routes")
     if n == 0:
         return
-    if b_in is not None:
-        b_ptr = &b_in[0]
-    if y is not None:
-        y_ptr = &y[0, 0]
-        ldy = y.shape[1]
-    if routes is not None:
-        r_ptr = &routes[0, 0, 0]
-    if tile < 1:
-        tile = 1
-    # Tiles: at least one per thread, at most `tile` tokens each.
-    if n_threads < 1:
-        n_threads = 1
-    t_size = min(tile, (n + n_threads - 1) // n_threads)
-    n_tiles = (n + t_size - 1) // t_size
-    if n_threads > n_tiles:
-        n_threads = <int>n_tiles
-    n_bytes = _scratch_bytes(<floating *>NULL, t_size, depth, n_trees)
-
-    # Failure is reported through a pointer: a plain variable assigned inside
-    # a parallel block is thread-private. Every thread enters the prange (an
-    # OpenMP worksharing loop must be met by all threads or none); a thread
-    # without scratch just marks its tiles as failed.
-    cdef int failed_flag = 0
-    cdef int *failed = &failed_flag
-    if n_threads == 1:
-        with nogil:
-            scratch = malloc(n_bytes)
-            if scratch == NULL:
-                failed[0] = 1
-            else:
-                for i in range(n_tiles):
-                    start = i * t_size
-                    stop = min(start + t_size, n)
-                    _tile(x, w_in, b_ptr, w_out, start, stop, depth, n_trees, act, y_ptr, ldy, r_ptr, scratch)
-                free(scratch)
-    else:
-        with nogil, parallel(num_threads=n_threads):
-            scratch = malloc(n_bytes)   # thread-local: assigned inside the parallel block
-            for i in prange(n_tiles, schedule="static"):
-                if scratch == NULL:
-                    failed[0] = 1
-                else:
-                    start = i * t_size
-                    stop = min(start + t_size, n)
-                    _tile(x, w_in, b_ptr, w_out, start, stop, depth, n_trees, act, y_ptr, ldy, r_ptr, scratch)
-            free(scratch)
-    if failed_flag:
-        raise MemoryError(f"could not allocate {n_bytes} bytes of FFF scratch per thread")
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            status = _run(<const float *>x_ptr, <const float *>wi_ptr, <const float *>b_ptr,
+                          <const float *>wo_ptr, n, d_in, d_out, depth, n_trees, act, <float *>y_ptr, r_ptr,
+                          n_threads, tile)
+        else:
+            status = _run(<const double *>x_ptr, <const double *>wi_ptr, <const double *>b_ptr,
+                          <const double *>wo_ptr, n, d_in, d_out, depth, n_trees, act, <double *>y_ptr, r_ptr,
+                          n_threads, tile)
+    if status != 0:
+        raise MemoryError("could not allocate the FFF kernel's per-thread scratch memory")

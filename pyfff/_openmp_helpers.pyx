@@ -31,22 +31,28 @@ def _cpu_count():
         return os.cpu_count() or 1
 
 
-def _openmp_effective_n_threads(n_threads=None):
+# Read once at import: the affinity mask is a syscall (~0.5 us), far too slow
+# for a per-call check on the batch-1 path.
+cdef int _N_CPUS = _cpu_count()
+
+
+cpdef int _openmp_effective_n_threads(n_threads=None) except -1:
     """Number of threads a parallel kernel should use; see the module doc."""
-    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, (int,)) and
-                                  not hasattr(n_threads, "__index__")):
+    cdef long n
+    if n_threads is None:
+        if not PYFFF_OPENMP_PARALLELISM_ENABLED:
+            return 1
+        return max(1, min(omp_get_max_threads(), _N_CPUS))
+    if isinstance(n_threads, bool) or not hasattr(n_threads, "__index__"):
         raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}")
-    if n_threads is not None:
-        n_threads = int(n_threads)
-    if n_threads == 0:
+    n = n_threads.__index__()
+    if n == 0:
         raise ValueError("n_threads=0 is invalid: use None for all cores, a positive count, or -1 for all CPUs")
     if not PYFFF_OPENMP_PARALLELISM_ENABLED:
         return 1
-    if n_threads is None:
-        return max(1, min(omp_get_max_threads(), _cpu_count()))
-    if n_threads < 0:
-        return max(1, _cpu_count() + 1 + n_threads)
-    return n_threads
+    if n < 0:
+        return <int>max(1, _N_CPUS + 1 + n)
+    return <int>min(n, 1 << 16)
 
 
 def _observed_n_threads(int n_threads):

@@ -149,19 +149,19 @@ class FFF:
     # ------------------------------------------------------------------ calls
     def _prepare(self, x):
         """x as a C-contiguous (n_samples, d_in) array of the layer dtype, and its leading shape."""
-        if not isinstance(x, np.ndarray):
+        if type(x) is not np.ndarray:
             x = np.asarray(x)
-        if x.dtype != self.dtype:
+        if x.dtype is not self.dtype and x.dtype != self.dtype:
             if x.dtype.kind != "f":
                 raise TypeError(f"x must be a float array, got dtype {x.dtype}")
             x = x.astype(self.dtype)
-        if x.ndim == 0 or x.shape[-1] != self.d_in:
-            raise ValueError(f"x must have shape (..., {self.d_in}), got {x.shape}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.d_in)
-        if not x2.flags.c_contiguous:
-            x2 = np.ascontiguousarray(x2)
-        return x2, lead
+        shape = x.shape
+        if not shape or shape[-1] != self.d_in:
+            raise ValueError(f"x must have shape (..., {self.d_in}), got {shape}")
+        if len(shape) != 2:
+            x = x.reshape(-1, self.d_in)
+        # ascontiguousarray returns x itself when it is already C-contiguous.
+        return np.ascontiguousarray(x), shape[:-1]
 
     def __call__(self, x, n_threads=None):
         """Apply the layer.
@@ -184,7 +184,7 @@ class FFF:
         y = np.empty((x2.shape[0], self.d_out), dtype=self.dtype)
         _fff_cpu.fff_forward(x2, self.w_in, self.b_in, self.w_out, self.depth, self.n_trees, self._act_code,
                              y, None, n_threads)
-        return y.reshape(lead + (self.d_out,))
+        return y if len(lead) == 1 else y.reshape(lead + (self.d_out,))
 
     def routes(self, x, n_threads=None):
         """Visited node indices (within each tree), level by level.

@@ -8,7 +8,10 @@
 
 #define FFF_T float
 #define FFF_SUF f32
-#define FFF_ACC 32
+#ifndef FFF_ACC_F32
+#define FFF_ACC_F32 32
+#endif
+#define FFF_ACC FFF_ACC_F32
 #define FFF_ERF erff
 #define FFF_TANH tanhf
 #include "fff_kernels.h"

@@ -55,13 +55,18 @@
 #define FFF_HAVE_DISPATCH 0
 #endif
 
+/* GCC and Clang vector extensions give explicit SIMD without intrinsics. */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(PYFFF_NO_VECTOR_EXT)
+#define FFF_VECTOR_EXT 1
+#else
+#define FFF_VECTOR_EXT 0
+#endif
+
 #if defined(__GNUC__)
 #define FFF_INLINE static inline __attribute__((always_inline))
-#define FFF_PREFETCH(p) __builtin_prefetch((p), 0, 3)
 #define FFF_RESTRICT __restrict__
 #else
 #define FFF_INLINE static __inline
-#define FFF_PREFETCH(p) ((void)0)
 #define FFF_RESTRICT
 #endif
 
@@ -70,7 +75,16 @@ enum { FFF_ACT_GELU = 0, FFF_ACT_GELU_TANH = 1, FFF_ACT_RELU = 2 };
 
 /* Levels routed per sort of the tile (see the header comment).  Four levels
  * of a subtree are 15 nodes: 90 KB of input+output rows at width 768. */
+#ifndef FFF_LEVEL_GROUP
 #define FFF_LEVEL_GROUP 4
+#endif
+
+/* Tokens that walk a level group in lockstep and share row loads (see
+ * fff_forward_tile): 4 tokens x 4 accumulators = 16 of the 32 AVX-512
+ * vector registers. */
+#ifndef FFF_SHARE
+#define FFF_SHARE 4
+#endif
 
 /* Which SIMD variant the dispatcher picks on this CPU, as target_clones does. */
 static const char *fff_simd_variant(void)
@@ -115,26 +129,220 @@ FFF_INLINE FFF_T FFF_NAME(fff_act)(FFF_T z, int act)
     return z > 0 ? z : (FFF_T)0; /* relu (callers keep NaN as NaN) */
 }
 
-/* Row dot product with FFF_ACC independent accumulators.
- * acc[j] sums the elements j, j + FFF_ACC, j + 2 FFF_ACC, ... in order; the
- * accumulators are then folded pairwise.  The inner j-loop is what the
- * compiler turns into FFF_ACC / (lanes per register) vector FMAs. */
+#if FFF_VECTOR_EXT
+/* FFF_V: 64 bytes of FFF_T (16 floats / 8 doubles), a GCC/Clang vector
+ * extension type.  Lane-wise arithmetic on it compiles to one AVX-512
+ * register op in the x86-64-v4 clone, two AVX2 ops in v3 and four SSE ops in
+ * the baseline: the same sums in the same order on every ISA.  Plain C loops
+ * with an accumulator array are not reliably vectorised (GCC 12 kept the
+ * output sum scalar, 20x slower), hence the explicit vectors. */
+typedef FFF_T FFF_NAME(fff_vec) __attribute__((vector_size(64)));
+typedef FFF_T FFF_NAME(fff_vec_u) __attribute__((vector_size(64), aligned(sizeof(FFF_T)), may_alias));
+#define FFF_V FFF_NAME(fff_vec)
+#define FFF_VL ((ptrdiff_t)(64 / sizeof(FFF_T)))
+#define FFF_LOAD(p) (*(const FFF_NAME(fff_vec_u) *)(p))
+#define FFF_STORE(p, v) (*(FFF_NAME(fff_vec_u) *)(p) = (v))
+
+/* Sum of the lanes of v, folded pairwise in a fixed order. */
+FFF_INLINE FFF_T FFF_NAME(fff_hsum)(const FFF_V *v)
+{
+    FFF_T s[64 / sizeof(FFF_T)];
+    memcpy(s, v, sizeof s);
+    for (int w = (int)FFF_VL / 2; w > 0; w >>= 1)
+        for (int j = 0; j < w; j++)
+            s[j] += s[j + w];
+    return s[0];
+}
+
+/* Row dot product a . b with four vector accumulators (4 x FFF_VL lanes): four
+ * independent FMA chains hide the FMA latency.  Lane j of accumulator q sums
+ * the elements i with i % (4 FFF_VL) == q FFF_VL + j, in order; the tail that
+ * does not fill a vector goes to lane (i % FFF_VL) of accumulator 0. */
 FFF_INLINE FFF_T FFF_NAME(fff_dot)(const FFF_T *FFF_RESTRICT a, const FFF_T *FFF_RESTRICT b, ptrdiff_t n)
 {
-    FFF_T acc[FFF_ACC];
-    for (int j = 0; j < FFF_ACC; j++)
-        acc[j] = 0;
+    FFF_V acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
     ptrdiff_t i = 0;
-    for (; i + FFF_ACC <= n; i += FFF_ACC)
-        for (int j = 0; j < FFF_ACC; j++)
-            acc[j] += a[i + j] * b[i + j];
+    for (; i + 4 * FFF_VL <= n; i += 4 * FFF_VL) {
+        acc0 += FFF_LOAD(a + i) * FFF_LOAD(b + i);
+        acc1 += FFF_LOAD(a + i + FFF_VL) * FFF_LOAD(b + i + FFF_VL);
+        acc2 += FFF_LOAD(a + i + 2 * FFF_VL) * FFF_LOAD(b + i + 2 * FFF_VL);
+        acc3 += FFF_LOAD(a + i + 3 * FFF_VL) * FFF_LOAD(b + i + 3 * FFF_VL);
+    }
+    for (; i + FFF_VL <= n; i += FFF_VL)
+        acc0 += FFF_LOAD(a + i) * FFF_LOAD(b + i);
     for (int j = 0; i + j < n; j++)
-        acc[j] += a[i + j] * b[i + j];
-    for (int w = FFF_ACC / 2; w > 0; w >>= 1)
-        for (int j = 0; j < w; j++)
-            acc[j] += acc[j + w];
-    return acc[0];
+        acc0[j] += a[i + j] * b[i + j];
+    acc0 = (acc0 + acc1) + (acc2 + acc3);
+    return FFF_NAME(fff_hsum)(&acc0);
 }
+
+/* y[0:d_out] = sum_k a[k] * w_out[rows[k]], summed in k order, with a block
+ * of 4 x FFF_VL outputs held in registers: one load and one FMA per weight,
+ * one store per output. When `add` is set the sum is added to y. */
+FFF_INLINE void FFF_NAME(fff_path_sum)(FFF_T *FFF_RESTRICT y, const FFF_T *FFF_RESTRICT w_out, ptrdiff_t ldw,
+                                       const int32_t *FFF_RESTRICT rows, const FFF_T *FFF_RESTRICT a, int n_path,
+                                       ptrdiff_t d_out, int add)
+{
+    ptrdiff_t c = 0;
+    for (; c + 4 * FFF_VL <= d_out; c += 4 * FFF_VL) {
+        FFF_V s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (int k = 0; k < n_path; k++) {
+            const FFF_T *w = w_out + (ptrdiff_t)rows[k] * ldw + c;
+            const FFF_T ak = a[k];
+            s0 += ak * FFF_LOAD(w);
+            s1 += ak * FFF_LOAD(w + FFF_VL);
+            s2 += ak * FFF_LOAD(w + 2 * FFF_VL);
+            s3 += ak * FFF_LOAD(w + 3 * FFF_VL);
+        }
+        if (add) {
+            s0 += FFF_LOAD(y + c);
+            s1 += FFF_LOAD(y + c + FFF_VL);
+            s2 += FFF_LOAD(y + c + 2 * FFF_VL);
+            s3 += FFF_LOAD(y + c + 3 * FFF_VL);
+        }
+        FFF_STORE(y + c, s0);
+        FFF_STORE(y + c + FFF_VL, s1);
+        FFF_STORE(y + c + 2 * FFF_VL, s2);
+        FFF_STORE(y + c + 3 * FFF_VL, s3);
+    }
+    for (; c + FFF_VL <= d_out; c += FFF_VL) {
+        FFF_V s0 = {0};
+        for (int k = 0; k < n_path; k++)
+            s0 += a[k] * FFF_LOAD(w_out + (ptrdiff_t)rows[k] * ldw + c);
+        if (add)
+            s0 += FFF_LOAD(y + c);
+        FFF_STORE(y + c, s0);
+    }
+    for (; c < d_out; c++) {
+        FFF_T s = 0;
+        for (int k = 0; k < n_path; k++)
+            s += a[k] * w_out[(ptrdiff_t)rows[k] * ldw + c];
+        y[c] = add ? y[c] + s : s;
+    }
+}
+
+/* Dot products of one row w with m <= FFF_SHARE token rows xs[0..m-1]: w is
+ * loaded once for all of them.  Each token's sum has exactly the structure
+ * of fff_dot (same accumulators, same order, same tail, same fold), so a
+ * token's logit does not depend on which tokens shared its row. */
+FFF_INLINE void FFF_NAME(fff_dot_shared)(const FFF_T *FFF_RESTRICT w, const FFF_T *const *xs, int m, ptrdiff_t n,
+                                         FFF_T *z)
+{
+    FFF_V acc[FFF_SHARE][4];
+    for (int j = 0; j < FFF_SHARE; j++)
+        for (int q = 0; q < 4; q++)
+            acc[j][q] = (FFF_V){0};
+    ptrdiff_t i = 0;
+    for (; i + 4 * FFF_VL <= n; i += 4 * FFF_VL) {
+        const FFF_V w0 = FFF_LOAD(w + i), w1 = FFF_LOAD(w + i + FFF_VL);
+        const FFF_V w2 = FFF_LOAD(w + i + 2 * FFF_VL), w3 = FFF_LOAD(w + i + 3 * FFF_VL);
+        for (int j = 0; j < FFF_SHARE; j++) {
+            if (j < m) {
+                const FFF_T *xj = xs[j] + i;
+                acc[j][0] += w0 * FFF_LOAD(xj);
+                acc[j][1] += w1 * FFF_LOAD(xj + FFF_VL);
+                acc[j][2] += w2 * FFF_LOAD(xj + 2 * FFF_VL);
+                acc[j][3] += w3 * FFF_LOAD(xj + 3 * FFF_VL);
+            }
+        }
+    }
+    for (; i + FFF_VL <= n; i += FFF_VL) {
+        const FFF_V w0 = FFF_LOAD(w + i);
+        for (int j = 0; j < m; j++)
+            acc[j][0] += w0 * FFF_LOAD(xs[j] + i);
+    }
+    for (int j = 0; j < m; j++) {
+        for (int e = 0; i + e < n; e++)
+            acc[j][0][e] += w[i + e] * xs[j][i + e];
+        FFF_V v = (acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3]);
+        z[j] = FFF_NAME(fff_hsum)(&v);
+    }
+}
+
+/* Outputs of m <= FFF_SHARE tokens at once: ys[j] = sum_k as[j][k] *
+ * w_out[rows[j][k]].  The tokens' rows are visited column block by column
+ * block, so a row that several of them share (the upper levels of tokens
+ * sorted by path) is fetched into L1 once and re-read from there.  Every
+ * output element is summed over k in order, exactly as in fff_path_sum. */
+FFF_INLINE void FFF_NAME(fff_path_sum_shared)(FFF_T *const *ys, const FFF_T *FFF_RESTRICT w_out, ptrdiff_t ldw,
+                                              const int32_t *const *rows, const FFF_T *const *as, int m,
+                                              int n_path, ptrdiff_t d_out)
+{
+    ptrdiff_t c = 0;
+    for (; c + 2 * FFF_VL <= d_out; c += 2 * FFF_VL) {
+        FFF_V s[FFF_SHARE][2];
+        for (int j = 0; j < FFF_SHARE; j++)
+            s[j][0] = s[j][1] = (FFF_V){0};
+        for (int k = 0; k < n_path; k++) {
+            for (int j = 0; j < FFF_SHARE; j++) {
+                if (j < m) {
+                    const FFF_T *w = w_out + (ptrdiff_t)rows[j][k] * ldw + c;
+                    const FFF_T a = as[j][k];
+                    s[j][0] += a * FFF_LOAD(w);
+                    s[j][1] += a * FFF_LOAD(w + FFF_VL);
+                }
+            }
+        }
+        for (int j = 0; j < m; j++) {
+            FFF_STORE(ys[j] + c, s[j][0]);
+            FFF_STORE(ys[j] + c + FFF_VL, s[j][1]);
+        }
+    }
+    if (c < d_out)
+        for (int j = 0; j < m; j++)
+            FFF_NAME(fff_path_sum)(ys[j] + c, w_out + c, ldw, rows[j], as[j], n_path, d_out - c, 0);
+}
+#undef FFF_V
+#undef FFF_VL
+#undef FFF_LOAD
+#undef FFF_STORE
+
+#else /* portable scalar twin, for compilers without vector extensions */
+
+/* Same sums as the vector version, element by element (four partial sums per
+ * element class would match it exactly; here one sum: a scalar fallback). */
+FFF_INLINE FFF_T FFF_NAME(fff_dot)(const FFF_T *a, const FFF_T *b, ptrdiff_t n)
+{
+    FFF_T acc[4] = {0, 0, 0, 0};
+    ptrdiff_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        acc[0] += a[i] * b[i];
+        acc[1] += a[i + 1] * b[i + 1];
+        acc[2] += a[i + 2] * b[i + 2];
+        acc[3] += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++)
+        acc[0] += a[i] * b[i];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+FFF_INLINE void FFF_NAME(fff_path_sum)(FFF_T *y, const FFF_T *w_out, ptrdiff_t ldw, const int32_t *rows,
+                                       const FFF_T *a, int n_path, ptrdiff_t d_out, int add)
+{
+    if (!add)
+        for (ptrdiff_t c = 0; c < d_out; c++)
+            y[c] = 0;
+    for (int k = 0; k < n_path; k++) {
+        const FFF_T *w = w_out + (ptrdiff_t)rows[k] * ldw;
+        for (ptrdiff_t c = 0; c < d_out; c++)
+            y[c] += a[k] * w[c];
+    }
+}
+
+FFF_INLINE void FFF_NAME(fff_dot_shared)(const FFF_T *w, const FFF_T *const *xs, int m, ptrdiff_t n, FFF_T *z)
+{
+    for (int j = 0; j < m; j++)
+        z[j] = FFF_NAME(fff_dot)(w, xs[j], n);
+}
+
+FFF_INLINE void FFF_NAME(fff_path_sum_shared)(FFF_T *const *ys, const FFF_T *w_out, ptrdiff_t ldw,
+                                              const int32_t *const *rows, const FFF_T *const *as, int m,
+                                              int n_path, ptrdiff_t d_out)
+{
+    for (int j = 0; j < m; j++)
+        FFF_NAME(fff_path_sum)(ys[j], w_out, ldw, rows[j], as[j], n_path, d_out, 0);
+}
+#endif /* FFF_VECTOR_EXT */
 
 /* Scratch a tile of n_tile tokens needs, in bytes. */
 static size_t FFF_NAME(fff_scratch_bytes)(ptrdiff_t n_tile, int depth, int n_trees)
@@ -146,42 +354,31 @@ static size_t FFF_NAME(fff_scratch_bytes)(ptrdiff_t n_tile, int depth, int n_tre
          + n_buckets * sizeof(int32_t) + 64;          /* bucket counts (+ alignment) */
 }
 
-/* y[0:d_out] = sum_k a[k] * w_out[rows[k]], summed in k order, with the
- * output block held in registers (one load per FMA, one store per element).
- * When `add` is set the sum is added to the existing y (further trees). */
-FFF_INLINE void FFF_NAME(fff_path_sum)(FFF_T *FFF_RESTRICT y, const FFF_T *FFF_RESTRICT w_out, ptrdiff_t ldw,
-                                       const int32_t *FFF_RESTRICT rows, const FFF_T *FFF_RESTRICT a, int n_path,
-                                       ptrdiff_t d_out, int add)
+/* Counting sort of order[0:n] (a permutation of token ids) by key[id] in
+ * [first, first + 2**bits), stable, into out; at most ~n buckets are used
+ * (keys adjacent in heap order share a bucket), so the cost stays O(n). */
+FFF_INLINE void FFF_NAME(fff_sort_by_node)(const int32_t *order, int32_t *out, const int32_t *key, ptrdiff_t n,
+                                           ptrdiff_t first, int bits, int32_t *count)
 {
-    ptrdiff_t c = 0;
-    for (; c + FFF_ACC <= d_out; c += FFF_ACC) {
-        FFF_T acc[FFF_ACC];
-        for (int j = 0; j < FFF_ACC; j++)
-            acc[j] = 0;
-        for (int k = 0; k < n_path; k++) {
-            const FFF_T *w = w_out + (ptrdiff_t)rows[k] * ldw + c;
-            FFF_T ak = a[k];
-            for (int j = 0; j < FFF_ACC; j++)
-                acc[j] += ak * w[j];
-        }
-        if (add)
-            for (int j = 0; j < FFF_ACC; j++)
-                y[c + j] += acc[j];
-        else
-            for (int j = 0; j < FFF_ACC; j++)
-                y[c + j] = acc[j];
-    }
-    for (; c < d_out; c++) {
-        FFF_T acc = 0;
-        for (int k = 0; k < n_path; k++)
-            acc += a[k] * w_out[(ptrdiff_t)rows[k] * ldw + c];
-        y[c] = add ? y[c] + acc : acc;
+    int shift = 0;
+    while (((ptrdiff_t)1 << (bits - shift)) > n)
+        shift++;
+    const ptrdiff_t n_b = (ptrdiff_t)1 << (bits - shift);
+    for (ptrdiff_t b = 0; b <= n_b; b++)
+        count[b] = 0;
+    for (ptrdiff_t k = 0; k < n; k++)
+        count[((key[order[k]] - first) >> shift) + 1]++;
+    for (ptrdiff_t b = 0; b < n_b; b++)
+        count[b + 1] += count[b];
+    for (ptrdiff_t k = 0; k < n; k++) {
+        const int32_t i = order[k];
+        out[count[(key[i] - first) >> shift]++] = i;
     }
 }
 
 /*
- * fff_forward_tile: a tile of n_tile tokens, all trees (n_tile = 1 is the lean
- * batch-1 path: no sorting, no per-level bookkeeping beyond the path).
+ * fff_forward_tile: a tile of n_tile tokens, all trees (n_tile = 1 is the
+ * lean batch-1 path: no sorting, one walk, one output sum).
  *
  * x       : IN  (n_tile, d_in), row stride ldx
  * w_in    : IN  (n_trees * n_nodes, d_in), row stride ldw_in
@@ -190,6 +387,13 @@ FFF_INLINE void FFF_NAME(fff_path_sum)(FFF_T *FFF_RESTRICT y, const FFF_T *FFF_R
  * y       : OUT (n_tile, d_out), row stride ldy, or NULL (routes only)
  * routes  : OUT (n_tile, n_trees, depth + 1), or NULL
  * scratch : fff_scratch_bytes(n_tile, depth, n_trees) bytes
+ *
+ * Routing: per level group, tokens sorted by their node go in chunks of
+ * FFF_SHARE that walk the group's levels in lockstep; at each level, chunk
+ * tokens sitting on the same node take their dot products together
+ * (fff_dot_shared: the row is loaded once).  Output: tokens sorted by their
+ * leaf (hence by their whole path) are summed FFF_SHARE at a time
+ * (fff_path_sum_shared), so the rows they share are read from L1.
  */
 FFF_DISPATCH
 static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_T *w_in, ptrdiff_t ldw_in,
@@ -218,62 +422,80 @@ static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_
             node[i] = 0;
 
         for (int l0 = 0; l0 < n_lev; l0 += FFF_LEVEL_GROUP) {
-            int l1 = l0 + FFF_LEVEL_GROUP < n_lev ? l0 + FFF_LEVEL_GROUP : n_lev;
+            const int l1 = l0 + FFF_LEVEL_GROUP < n_lev ? l0 + FFF_LEVEL_GROUP : n_lev;
             if (l0 > 0 && n_tile > 1) {
-                /* Counting sort by the node at level l0.  Level l0 has 2**l0
-                 * nodes; use at most ~n_tile buckets (nodes adjacent in heap
-                 * order share a bucket), so the sort stays O(n_tile). */
-                int shift = 0;
-                while (((ptrdiff_t)1 << (l0 - shift)) > n_tile)
-                    shift++;
-                ptrdiff_t n_b = (ptrdiff_t)1 << (l0 - shift);
-                ptrdiff_t first = ((ptrdiff_t)1 << l0) - 1;
-                for (ptrdiff_t b = 0; b <= n_b; b++)
-                    count[b] = 0;
-                for (ptrdiff_t i = 0; i < n_tile; i++)
-                    count[((node[i] - first) >> shift) + 1]++;
-                for (ptrdiff_t b = 0; b < n_b; b++)
-                    count[b + 1] += count[b];
-                for (ptrdiff_t k = 0; k < n_tile; k++) {
-                    int32_t i = order[k]; /* stable: keeps the previous order within a bucket */
-                    order2[count[(node[i] - first) >> shift]++] = i;
-                }
+                FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)1 << l0) - 1, l0, count);
                 int32_t *tmp = order;
                 order = order2;
                 order2 = tmp;
             }
-            for (ptrdiff_t k = 0; k < n_tile; k++) {
-                const ptrdiff_t i = order[k];
-                const FFF_T *xi = x + i * ldx;
-                ptrdiff_t nd = node[i];
+            for (ptrdiff_t k0 = 0; k0 < n_tile; k0 += FFF_SHARE) {
+                const int kn = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
+                const int32_t *ids = order + k0;
                 for (int level = l0; level < l1; level++) {
-                    const FFF_T *wr = w_in_t + nd * ldw_in;
-                    if (level + 1 < l1) {
-                        FFF_PREFETCH(w_in_t + (2 * nd + 1) * ldw_in);
-                        FFF_PREFETCH(w_in_t + (2 * nd + 2) * ldw_in);
+                    int done[FFF_SHARE] = {0};
+                    for (int k = 0; k < kn; k++) {
+                        if (done[k])
+                            continue;
+                        /* The chunk's tokens on the same node as token k. */
+                        const ptrdiff_t nd = node[ids[k]];
+                        int grp[FFF_SHARE], m = 0;
+                        const FFF_T *xs[FFF_SHARE];
+                        FFF_T z[FFF_SHARE];
+                        for (int j = k; j < kn; j++) {
+                            if (!done[j] && node[ids[j]] == nd) {
+                                done[j] = 1;
+                                grp[m] = j;
+                                xs[m++] = x + (ptrdiff_t)ids[j] * ldx;
+                            }
+                        }
+                        if (m == 1)
+                            z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
+                        else
+                            FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
+                        const FFF_T bias = b_in ? b_in[t * n_nodes + nd] : (FFF_T)0;
+                        for (int g = 0; g < m; g++) {
+                            const ptrdiff_t i = ids[grp[g]];
+                            FFF_T zg = z[g];
+                            if (b_in)
+                                zg += bias;
+                            const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
+                            path[p] = (int32_t)(t * n_nodes + nd);
+                            acts[p] = (zg != zg) ? zg : FFF_NAME(fff_act)(zg, act);
+                            if (routes)
+                                routes[p] = nd;
+                            node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
+                        }
                     }
-                    FFF_T z = FFF_NAME(fff_dot)(wr, xi, d_in);
-                    if (b_in)
-                        z += b_in[t * n_nodes + nd];
-                    size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
-                    path[p] = (int32_t)(t * n_nodes + nd);
-                    acts[p] = (z != z) ? z : FFF_NAME(fff_act)(z, act);
-                    if (routes)
-                        routes[p] = nd;
-                    nd = 2 * nd + 1 + (z > 0);
                 }
-                node[i] = (int32_t)nd;
             }
         }
     }
+    if (!y)
+        return;
 
-    /* Output: tokens in the last sort order, so neighbours share deep rows. */
-    if (y) {
-        for (ptrdiff_t k = 0; k < n_tile; k++) {
-            const ptrdiff_t i = order[k];
-            FFF_NAME(fff_path_sum)(y + i * ldy, w_out, ldw_out, path + (size_t)i * n_path, acts + (size_t)i * n_path,
-                                   n_path, d_out, 0);
+    /* Output, FFF_SHARE tokens at a time, in order of their (last tree's)
+     * leaf, i.e. sorted by their whole path: neighbours share upper rows. */
+    if (n_tile > 1) {
+        /* node[] holds the children of the leaves: 2**(depth+1) consecutive ids. */
+        FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)2 << depth) - 1, depth + 1, count);
+        order = order2;
+    }
+    for (ptrdiff_t k0 = 0; k0 < n_tile; k0 += FFF_SHARE) {
+        const int m = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
+        FFF_T *ys[FFF_SHARE];
+        const int32_t *rows[FFF_SHARE];
+        const FFF_T *as[FFF_SHARE];
+        for (int j = 0; j < m; j++) {
+            const ptrdiff_t i = order[k0 + j];
+            ys[j] = y + i * ldy;
+            rows[j] = path + (size_t)i * n_path;
+            as[j] = acts + (size_t)i * n_path;
         }
+        if (m == 1)
+            FFF_NAME(fff_path_sum)(ys[0], w_out, ldw_out, rows[0], as[0], n_path, d_out, 0);
+        else
+            FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw_out, rows, as, m, n_path, d_out);
     }
 }
 

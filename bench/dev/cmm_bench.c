@@ -1,0 +1,67 @@
+/* cmm_bench.c -- time the C FFF tile kernel outside Python (bench/dev only).
+ *
+ * Build and run (from the repo root):
+ *   gcc -O3 -fopenmp -Isrc bench/dev/cmm_bench.c -o /tmp/cmm_bench -lm && /tmp/cmm_bench [batch] [tile] [depth]
+ * Prints the best-of-N time per token for the full forward pass and for routing only.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <sys/mman.h>
+#include "fff_cpu.h"
+#ifdef VARIANT_HEADER
+#include VARIANT_HEADER
+#endif
+#ifndef TILE_FN
+#define TILE_FN fff_forward_tile_f32
+#define SCRATCH_FN fff_scratch_bytes_f32
+#endif
+
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+static float frand(unsigned *s) { *s = *s * 1664525u + 1013904223u; return ((*s >> 8) / 16777216.0f) * 2.0f - 1.0f; }
+
+static void *big_alloc(size_t n)
+{
+    size_t al = (size_t)2 << 20;
+    void *p = aligned_alloc(al, (n + al - 1) / al * al);
+#ifdef MADV_HUGEPAGE
+    if (!getenv("NO_THP"))
+        madvise(p, (n + al - 1) / al * al, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+int main(int argc, char **argv)
+{
+    ptrdiff_t batch = argc > 1 ? atol(argv[1]) : 2048;
+    ptrdiff_t tile = argc > 2 ? atol(argv[2]) : 512;
+    int depth = argc > 3 ? atoi(argv[3]) : 11;
+    int reps = argc > 4 ? atoi(argv[4]) : 5;
+    int act = argc > 5 ? atoi(argv[5]) : 0; /* 0 gelu, 1 gelu_tanh, 2 relu */
+    ptrdiff_t d = 768, n_nodes = ((ptrdiff_t)2 << depth) - 1;
+    unsigned s = 1;
+    /* Large arrays get transparent huge pages, as NumPy asks for (madvise). */
+    float *w_in = big_alloc(sizeof(float) * n_nodes * d), *w_out = big_alloc(sizeof(float) * n_nodes * d);
+    float *b = malloc(sizeof(float) * n_nodes), *x = big_alloc(sizeof(float) * batch * d), *y = big_alloc(sizeof(float) * batch * d);
+    for (ptrdiff_t i = 0; i < n_nodes * d; i++) { w_in[i] = frand(&s) * 0.06f; w_out[i] = frand(&s) * 0.06f; }
+    for (ptrdiff_t i = 0; i < n_nodes; i++) b[i] = frand(&s) * 0.1f;
+    for (ptrdiff_t i = 0; i < batch * d; i++) x[i] = frand(&s);
+    if (tile > batch) tile = batch;
+    void *scratch = malloc(SCRATCH_FN(tile, depth, 1));
+    for (int pass = 0; pass < 2; pass++) {
+        double best = 1e30;
+        for (int r = 0; r < reps; r++) {
+            double t0 = now();
+            for (ptrdiff_t st = 0; st < batch; st += tile) {
+                ptrdiff_t n = batch - st < tile ? batch - st : tile;
+                TILE_FN(x + st * d, d, w_in, d, b, w_out, d, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch);
+            }
+            double dt = now() - t0;
+            if (dt < best) best = dt;
+        }
+        printf("%s batch %td tile %td depth %d: %.3f us/token\n", pass ? "route-only" : "forward   ", batch, tile, depth, best / batch * 1e6);
+    }
+    double cs = 0; for (ptrdiff_t i = 0; i < batch * d; i++) cs += y[i];
+    printf("checksum %.6f\n", cs);
+    return 0;
+}
