@@ -7,5 +7,6 @@
 """
 from ._config import __version__, show_config
 from .fff import FFF
+from .encoder import load, export
 
-__all__ = ["FFF", "__version__", "show_config"]
+__all__ = ["FFF", "__version__", "export", "load", "show_config"]

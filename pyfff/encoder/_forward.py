@@ -1,0 +1,291 @@
+"""The fast NumPy encoder forward pass (picoGPT style, kernel-ready parameters).
+
+Contract: ``encode(params, cfg, ffns, ids, mask, token_type_ids)`` returns the
+final hidden states in float32 for already validated inputs. Parameter names
+are those of ``_checkpoint`` (kernel-ready: fused QKV with the attention scale
+folded into the Q rows, FFF output weights node-major). Dense work runs on
+NumPy's BLAS, FFF layers on ``pyfff.FFF``. There is no Python loop over tokens
+or heads: attention is one batched matmul over (batch, heads). Inputs are
+never modified; every in-place operation works on buffers allocated here.
+
+Shapes: B batch, S sequence, N = B*S tokens, H model width, NH heads,
+HD = H // NH head width, I dense intermediate width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["encode", "layer_norm_", "gelu_", "softmax_", "mlm_head", "classifier_head", "sentence_pool"]
+
+# Elementwise chains (GELU) run over row blocks of about this many float32
+# values: 64 Ki floats = 256 KiB, which stays in the L2 cache between the
+# passes, so a 10-pass formula costs about one pass over main memory.
+_CHUNK = 1 << 16
+
+
+def layer_norm_(x, weight, bias, eps, out=None):
+    """LayerNorm over the last axis, into ``out`` (may be ``x`` itself).
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, H), dtype=float32
+    weight, bias : ndarray of shape (H,), dtype=float32
+    eps : float
+    out : ndarray of shape (N, H), dtype=float32, optional
+
+    Returns
+    -------
+    out : ndarray of shape (N, H), dtype=float32
+        ``(x - mean) / sqrt(var + eps) * weight + bias`` with the biased
+        variance, as ``torch.nn.LayerNorm``. Five passes: mean, centre,
+        sum of squares (einsum, no temporary), scale, affine.
+    """
+    H = x.shape[-1]
+    mean = x.mean(axis=-1, keepdims=True)                    # (N, 1)
+    out = np.subtract(x, mean, out=out)                      # (N, H) centred
+    var = np.einsum("ij,ij->i", out, out)                    # (N,) sum of squares
+    var *= np.float32(1.0 / H)
+    var += np.float32(eps)
+    rstd = np.sqrt(var, out=var)                             # (N,)
+    np.reciprocal(rstd, out=rstd)
+    out *= rstd[:, None]                                     # (N, H)
+    out *= weight                                            # (N, H)
+    out += bias                                              # (N, H)
+    return out
+
+
+# Abramowitz & Stegun 7.1.26: erf(u) = 1 - P(t) exp(-u^2), t = 1/(1 + p u), u >= 0,
+# |error| <= 1.5e-7, i.e. at float32 rounding level for the GELU.
+_AS_P = 0.3275911
+_AS_A = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)  # a5..a1
+
+
+def gelu_(x):
+    """Exact (erf) GELU in place, ``0.5 x (1 + erf(x / sqrt(2)))``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, I), dtype=float32, C-contiguous; overwritten.
+
+    Returns
+    -------
+    x : the same array.
+
+    NumPy has no erf; this evaluates A&S 7.1.26 (absolute error of erf
+    <= 1.5e-7) row block by row block so that the intermediate passes stay
+    in cache. With q = 0.5 P(t) exp(-x^2/2) (t from |x|):
+    gelu(x) = x (1 - q) for x >= 0 and x q for x < 0.
+    """
+    flat = x.reshape(-1)
+    n = flat.shape[0]
+    t = np.empty(min(_CHUNK, n), dtype=np.float32)
+    h = np.empty_like(t)
+    neg = np.empty(t.shape, dtype=bool)
+    c = np.float32(_AS_P / math.sqrt(2.0))
+    for start in range(0, n, _CHUNK):
+        xs = flat[start:start + _CHUNK]                        # (k,) view into x
+        k = xs.shape[0]
+        tt, hh, nn = t[:k], h[:k], neg[:k]
+        np.less(xs, 0, out=nn)                                 # x < 0
+        np.abs(xs, out=tt)
+        tt *= c
+        tt += np.float32(1.0)
+        np.reciprocal(tt, out=tt)                              # t = 1 / (1 + p |x| / sqrt(2))
+        np.multiply(tt, np.float32(_AS_A[0]), out=hh)          # Horner: P(t) = t (a1 + t (a2 + ... t a5))
+        for coef in _AS_A[1:]:
+            hh += np.float32(coef)
+            hh *= tt
+        np.multiply(xs, xs, out=tt)                            # reuse t for exp(-x^2 / 2)
+        tt *= np.float32(-0.5)
+        np.exp(tt, out=tt)
+        hh *= tt                                               # P(t) exp(-x^2/2) = 1 - erf(|x|/sqrt2)
+        hh *= np.float32(0.5)                                  # q
+        hh *= xs                                               # x q
+        np.subtract(xs, hh, out=xs)                            # x (1 - q)   (right for x >= 0)
+        np.copyto(xs, hh, where=nn)                            # x q         (x < 0)
+    return x
+
+
+def softmax_(scores):
+    """Softmax over the last axis, in place (max-subtracted, as torch does).
+
+    Parameters
+    ----------
+    scores : ndarray of shape (..., S), dtype=float32, C-contiguous; overwritten.
+    """
+    m = scores.max(axis=-1, keepdims=True)                   # (..., 1)
+    scores -= m
+    np.exp(scores, out=scores)
+    total = scores.sum(axis=-1, keepdims=True)               # (..., 1)
+    np.reciprocal(total, out=total)
+    scores *= total
+    return scores
+
+
+def _linear(x, weight, bias=None):
+    """``x @ weight.T + bias``: weight in (out, in) layout, read transposed by BLAS (no copy).
+
+    x : (N, in) -> (N, out)
+    """
+    y = x @ weight.T                                          # (N, out)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def attention(h, p, prefix, B, S, n_heads, mask_add):
+    """Multi-head self-attention with the output projection.
+
+    Parameters
+    ----------
+    h : ndarray of shape (N, H), dtype=float32 (N = B * S, batch-major)
+    p : dict of kernel-ready parameters; ``prefix`` is ``"layers.i."``
+    mask_add : ndarray of shape (B, 1, 1, S), dtype=float32, or None
+        Additive score for padded keys (0 elsewhere); None: nothing masked.
+
+    Returns
+    -------
+    out : ndarray of shape (N, H), dtype=float32
+    """
+    N, H = h.shape
+    HD = H // n_heads
+    qkv = _linear(h, p[prefix + "attn.qkv.weight"], p.get(prefix + "attn.qkv.bias"))  # (N, 3H) one GEMM
+    qkv = qkv.reshape(B, S, 3, n_heads, HD)                   # (B, S, 3, NH, HD)
+    # strided views, no copies: BLAS takes a row stride of 3H directly
+    q = qkv[:, :, 0].transpose(0, 2, 1, 3)                    # (B, NH, S, HD), already scaled
+    k_t = qkv[:, :, 1].transpose(0, 2, 3, 1)                  # (B, NH, HD, S)
+    v = qkv[:, :, 2].transpose(0, 2, 1, 3)                    # (B, NH, S, HD)
+    scores = np.matmul(q, k_t)                                # (B, NH, S, S) batched GEMM over (B, NH)
+    if mask_add is not None:
+        scores += mask_add                                    # (B, NH, S, S) keys only
+    softmax_(scores)                                          # (B, NH, S, S)
+    ctx = np.empty((B, S, n_heads, HD), dtype=np.float32)     # (B, S, NH, HD)
+    # write P @ v straight into the (B, S, NH, HD) layout: heads end up concatenated per token
+    np.matmul(scores, v, out=ctx.transpose(0, 2, 1, 3))       # (B, NH, S, HD) view of ctx
+    del scores, qkv
+    return _linear(ctx.reshape(N, H), p[prefix + "attn.out.weight"], p.get(prefix + "attn.out.bias"))  # (N, H)
+
+
+def feed_forward(h, p, prefix, ffn, n_threads):
+    """FFF (``ffn`` is a ``pyfff.FFF``) or dense GELU feed-forward.
+
+    h : (N, H) -> (N, H)
+    """
+    if ffn is not None:
+        return ffn(h, n_threads=n_threads)                    # (N, H) conditional execution
+    a = _linear(h, p[prefix + "ffn.dense_in.weight"], p.get(prefix + "ffn.dense_in.bias"))  # (N, I)
+    gelu_(a)                                                  # (N, I)
+    return _linear(a, p[prefix + "ffn.dense_out.weight"], p.get(prefix + "ffn.dense_out.bias"))  # (N, H)
+
+
+def embed(p, cfg, ids, token_type_ids):
+    """Token + position (+ token type) embeddings, normalised.
+
+    ids : (B, S) int64 -> (N, H) float32 (a new array)
+    """
+    B, S = ids.shape
+    x = p["embeddings.word_embeddings"][ids]                  # (B, S, H) gather = the one copy
+    if cfg.type_vocab_size:
+        tt = np.zeros_like(ids) if token_type_ids is None else token_type_ids
+        x += p["embeddings.token_type_embeddings"][tt]        # (B, S, H)
+    x += p["embeddings.position_embeddings"][:S]              # (B, S, H) positions 0..S-1
+    x = x.reshape(B * S, cfg.d_model)                         # (N, H)
+    if cfg.embedding_norm:
+        layer_norm_(x, p["embeddings.norm.weight"], p["embeddings.norm.bias"], cfg.norm_eps, out=x)
+    return x
+
+
+def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=None):
+    """Final hidden states.
+
+    Parameters
+    ----------
+    p : dict of kernel-ready parameters
+    cfg : EncoderConfig
+    ffns : list of pyfff.FFF or None (dense layers), one per layer
+    ids : ndarray of shape (B, S), dtype=int64, validated
+    mask : ndarray of shape (B, S) of 0/1 or None
+    token_type_ids : ndarray of shape (B, S) or None
+
+    Returns
+    -------
+    hidden : ndarray of shape (B, S, H), dtype=float32
+    """
+    B, S = ids.shape
+    H, eps = cfg.d_model, cfg.norm_eps
+    mask_add = None
+    if mask is not None and not mask.all():
+        # additive key mask (crammedBERT: -10000, finite; BERT: float32 min); skipped when nothing is
+        # padded, which is exact: adding 0 changes no score
+        mask_add = ((1 - mask).astype(np.float32) * np.float32(cfg.mask_value))[:, None, None, :]  # (B, 1, 1, S)
+    x = embed(p, cfg, ids, token_type_ids)                    # (N, H) residual stream, owned here
+    h = np.empty_like(x)                                      # (N, H) scratch for normed activations
+    for i in range(cfg.n_layers):
+        pre = f"layers.{i}."
+        if cfg.pre_norm:                                      # crammedBERT: x + f(LN(x))
+            layer_norm_(x, p[pre + "norm1.weight"], p[pre + "norm1.bias"], eps, out=h)
+            x += attention(h, p, pre, B, S, cfg.n_heads, mask_add)
+            layer_norm_(x, p[pre + "norm2.weight"], p[pre + "norm2.bias"], eps, out=h)
+            x += feed_forward(h, p, pre, ffns[i], n_threads)
+        else:                                                 # BERT: LN(x + f(x))
+            a = attention(x, p, pre, B, S, cfg.n_heads, mask_add)
+            a += x
+            layer_norm_(a, p[pre + "norm1.weight"], p[pre + "norm1.bias"], eps, out=x)
+            f = feed_forward(x, p, pre, ffns[i], n_threads)
+            f += x
+            layer_norm_(f, p[pre + "norm2.weight"], p[pre + "norm2.bias"], eps, out=x)
+    if cfg.final_norm:
+        layer_norm_(x, p["final_norm.weight"], p["final_norm.bias"], eps, out=x)
+    return x.reshape(B, S, H)
+
+
+def mlm_head(p, cfg, h):
+    """MLM logits with the tied decoder.
+
+    h : (M, H) -> (M, V)
+    """
+    if cfg.mlm_transform:                                     # BERT: LN(GELU(W h + b))
+        h = gelu_(_linear(h, p["mlm.transform.weight"], p["mlm.transform.bias"]))   # (M, H)
+        h = layer_norm_(h, p["mlm.norm.weight"], p["mlm.norm.bias"], cfg.norm_eps, out=h)
+    return _linear(h, p["embeddings.word_embeddings"], p.get("mlm.decoder.bias"))   # (M, V)
+
+
+def classifier_head(p, cfg, hidden):
+    """Pool, dense + tanh, then the label head.
+
+    hidden : (B, S, H) -> (B, L)
+    """
+    if cfg.pooler == "zero_index":
+        pooled = hidden[:, 0]                                 # (B, H)
+    else:                                                     # "avg": over all S positions, padding included
+        pooled = hidden.mean(axis=1)                          # (B, H)
+    z = np.tanh(_linear(pooled, p["pooler.weight"], p["pooler.bias"]))  # (B, D)
+    return _linear(z, p["head.weight"], p["head.bias"])      # (B, L)
+
+
+def sentence_pool(hidden, mask, modes, normalize):
+    """sentence-transformers pooling over unmasked tokens (modes concatenated in order).
+
+    hidden : (B, S, H), mask : (B, S) -> (B, len(modes) * H)
+    """
+    m = mask.astype(np.float32)[:, :, None]                   # (B, S, 1)
+    count = np.maximum(m.sum(axis=1), np.float32(1e-9))       # (B, 1) as sentence-transformers clamps
+    parts = []
+    for mode in modes:
+        if mode == "cls":
+            parts.append(hidden[:, 0])                        # (B, H)
+        elif mode == "max":
+            parts.append(np.where(m > 0, hidden, np.float32(-1e9)).max(axis=1))  # (B, H)
+        elif mode == "mean":
+            parts.append((hidden * m).sum(axis=1) / count)    # (B, H)
+        elif mode == "mean_sqrt_len":
+            parts.append((hidden * m).sum(axis=1) / np.sqrt(count))  # (B, H)
+        else:
+            raise NotImplementedError(f"sentence pooling mode {mode!r} is not implemented")
+    out = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # (B, D)
+    if normalize:
+        norm = np.linalg.norm(out, axis=1, keepdims=True)    # (B, 1)
+        out = out / np.maximum(norm, np.float32(1e-12))      # as torch.nn.functional.normalize
+    return np.ascontiguousarray(out, dtype=np.float32)

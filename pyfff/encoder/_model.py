@@ -1,0 +1,418 @@
+"""The public encoder object, ``load`` and ``export``."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from .._config import __version__
+from .._openmp_helpers import _openmp_effective_n_threads
+from ..fff import FFF
+from . import _forward
+from ._checkpoint import FORMAT, FORMAT_VERSION, EncoderConfig, read_folder
+from ._safetensors import CheckpointError, write_safetensors
+
+__all__ = ["Encoder", "load", "export"]
+
+# sentence-transformers / tokenizer side files copied into an export when present
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@functools.lru_cache(maxsize=1)
+def _threadpool_controller():
+    """One lazily created controller: scanning the loaded libraries is the slow part of threadpoolctl."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+class Encoder:
+    """A transformer encoder (UltraFastBERT/crammedBERT or BERT) running on NumPy + pyfff kernels.
+
+    Create it with :func:`pyfff.load`. All methods take right-padded batches
+    of token ids; they never modify the arrays passed in.
+
+    Attributes
+    ----------
+    config : EncoderConfig
+        Architecture, sizes and tokenizer settings (see ``docs/encoder.md``).
+    tokenizer : tokenizers.Tokenizer or None
+        The checkpoint's tokenizer, set to truncate at ``config.max_length``
+        and to right-pad with the pad token. None if the folder has no
+        ``tokenizer.json``.
+    n_threads : int
+        Threads used by the FFF kernels (and by BLAS when it was given
+        explicitly to :func:`load`).
+    params : dict of str to ndarray
+        Kernel-ready weights (memory-mapped views where possible).
+    """
+
+    def __init__(self, config, params, *, tokenizer=None, n_threads=None, path=None):
+        self.config = config
+        self.params = params
+        self.path = path
+        self._limit_blas = n_threads is not None
+        self.n_threads = _openmp_effective_n_threads(n_threads)
+        self.tokenizer = tokenizer
+        self._ffns = [None] * config.n_layers
+        if config.ffn_type == "fff":
+            self._ffns = [
+                FFF(params[f"layers.{i}.ffn.w_in"], params[f"layers.{i}.ffn.b_in"], params[f"layers.{i}.ffn.w_out"],
+                    n_trees=config.ffn_n_trees, activation=config.activation)
+                for i in range(config.n_layers)
+            ]
+        self._pad_id = self._mask_id = None
+        if tokenizer is not None:
+            cfg = config
+            self._pad_id = tokenizer.token_to_id(cfg.pad_token) if cfg.pad_token else None
+            self._mask_id = tokenizer.token_to_id(cfg.mask_token) if cfg.mask_token else None
+            if tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+                raise CheckpointError(f"{path}: the tokenizer has {tokenizer.get_vocab_size(True)} tokens but the "
+                                      f"embedding only {cfg.vocab_size} rows")
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            tokenizer.enable_truncation(cfg.max_length)
+            if self._pad_id is not None:
+                tokenizer.enable_padding(direction="right", pad_id=self._pad_id, pad_token=cfg.pad_token)
+
+    def __repr__(self):
+        c = self.config
+        ffn = (f"fff(depth={c.ffn_depth}, n_trees={c.ffn_n_trees})" if c.ffn_type == "fff" else f"dense({c.d_ff})")
+        return (f"Encoder({c.architecture}, head={c.head}, n_layers={c.n_layers}, d_model={c.d_model}, "
+                f"n_heads={c.n_heads}, ffn={ffn}, vocab={c.vocab_size}, n_threads={self.n_threads})")
+
+    # ------------------------------------------------------------------ threads
+    def _blas_limit(self):
+        """BLAS thread limit for one top-level call (once per call, never per layer)."""
+        if self._limit_blas:
+            return _threadpool_controller().limit(limits=self.n_threads, user_api="blas")
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ tokenizer
+    def tokenize(self, texts, pairs=None, *, return_token_type_ids=False):
+        """Encode texts (or text pairs) with the checkpoint's tokenizer.
+
+        Parameters
+        ----------
+        texts : str or list of str
+        pairs : str or list of str, optional
+            Second segments (crammedBERT: ``<cls> A <sep> B <sep>``).
+        return_token_type_ids : bool, default=False
+            Also return the segment ids (BERT uses them for pairs).
+
+        Returns
+        -------
+        input_ids : ndarray of shape (B, S), dtype=int64
+            Right-padded with the pad token, truncated to ``config.max_length``.
+        attention_mask : ndarray of shape (B, S), dtype=int64
+        token_type_ids : ndarray of shape (B, S), dtype=int64 (only if asked)
+        """
+        if self.tokenizer is None:
+            raise RuntimeError(f"{self.path}: this checkpoint has no tokenizer.json; pass token ids instead")
+        texts = self._texts(texts, "texts")
+        if pairs is not None:
+            pairs = self._texts(pairs, "pairs")
+            if len(pairs) != len(texts):
+                raise ValueError(f"got {len(texts)} texts but {len(pairs)} pairs")
+            encs = self.tokenizer.encode_batch(list(zip(texts, pairs)))
+        else:
+            encs = self.tokenizer.encode_batch(texts)
+        lengths = {len(e.ids) for e in encs}
+        if 0 in lengths:
+            raise ValueError("a text encodes to zero tokens")
+        if len(lengths) > 1 and self._pad_id is None:
+            raise ValueError("texts of different lengths need padding, but the tokenizer has no pad token")
+        ids = np.array([e.ids for e in encs], dtype=np.int64)                   # (B, S)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)       # (B, S)
+        if return_token_type_ids:
+            return ids, mask, np.array([e.type_ids for e in encs], dtype=np.int64)
+        return ids, mask
+
+    @staticmethod
+    def _texts(texts, name):
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise ValueError(f"{name} is empty: give at least one text")
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"{name} must be strings, got {type(t).__name__}")
+        return texts
+
+    # ------------------------------------------------------------------ validation
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids):
+        """Validated int64 (B, S) ids, mask (or None) and token types; never views of the caller's arrays
+        that we write to (nothing here writes to them)."""
+        cfg = self.config
+        ids = np.asarray(input_ids)
+        if ids.dtype.kind not in "iu" or ids.dtype == np.bool_:
+            raise TypeError(f"input_ids must be integers, got dtype {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {ids.shape}")
+        B, S = ids.shape
+        if B == 0 or S == 0:
+            raise ValueError(f"input_ids is empty (shape {ids.shape})")
+        if S > cfg.max_positions:
+            raise ValueError(f"sequence length {S} is longer than the model's {cfg.max_positions} positions "
+                             "(tokenize truncates; truncate ids yourself)")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+        ids = ids.astype(np.int64, copy=False)
+        mask = None
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1 and np.asarray(input_ids).ndim == 1:
+                mask = mask[None]
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+            if mask.dtype.kind not in "biuf":
+                raise TypeError(f"attention_mask must be 0/1 numbers or booleans, got dtype {mask.dtype}")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError("attention_mask must contain only 0 (padding) and 1 (token)")
+            mask = mask.astype(np.int64, copy=False)
+        types = None
+        if token_type_ids is not None:
+            if not cfg.type_vocab_size:
+                raise ValueError(f"this {cfg.architecture} model has no token-type embeddings")
+            types = np.asarray(token_type_ids)
+            if types.ndim == 1 and np.asarray(input_ids).ndim == 1:
+                types = types[None]
+            if types.shape != ids.shape:
+                raise ValueError(f"token_type_ids has shape {types.shape} but input_ids has {ids.shape}")
+            if types.dtype.kind not in "iu" or types.min() < 0 or types.max() >= cfg.type_vocab_size:
+                raise ValueError(f"token_type_ids must be integers in [0, {cfg.type_vocab_size})")
+            types = types.astype(np.int64, copy=False)
+        return ids, mask, types
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Final hidden states (after the final norm for crammedBERT; ``last_hidden_state`` for BERT).
+
+        Parameters
+        ----------
+        input_ids : array_like of shape (B, S) or (S,), integer
+        attention_mask : array_like of shape (B, S) of 0/1, optional
+            None: every position attends to every other.
+        token_type_ids : array_like of shape (B, S), optional (BERT only)
+
+        Returns
+        -------
+        hidden : ndarray of shape (B, S, H), dtype=float32
+        """
+        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        with self._blas_limit():
+            return _forward.encode(self.params, self.config, self._ffns, ids, mask, types, self.n_threads)
+
+    def mlm_logits(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Masked-language-model logits (tied decoder).
+
+        Returns
+        -------
+        logits : ndarray of shape (B, S, V), dtype=float32
+        """
+        self._need_head("mlm")
+        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        with self._blas_limit():
+            h = _forward.encode(self.params, self.config, self._ffns, ids, mask, types, self.n_threads)
+            B, S, H = h.shape
+            return _forward.mlm_head(self.params, self.config, h.reshape(B * S, H)).reshape(B, S, -1)
+
+    def classify(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Sequence-classification logits (crammedBERT: pooler ``zero_index`` or ``avg``).
+
+        Returns
+        -------
+        logits : ndarray of shape (B, num_labels), dtype=float32
+        """
+        self._need_head("classifier")
+        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        with self._blas_limit():
+            h = _forward.encode(self.params, self.config, self._ffns, ids, mask, types, self.n_threads)
+            return _forward.classifier_head(self.params, self.config, h)
+
+    def _need_head(self, head):
+        if self.config.head != head:
+            raise ValueError(f"this checkpoint has no {head} head (head={self.config.head!r})")
+
+    def embed(self, texts, *, batch_size=32):
+        """Sentence embeddings, pooled as the checkpoint's sentence-transformers files say.
+
+        Default (no ``modules.json``): mean over unmasked tokens, no normalisation.
+
+        Parameters
+        ----------
+        texts : str or list of str
+        batch_size : int, default=32
+            Texts encoded per forward pass (bounds the memory used).
+
+        Returns
+        -------
+        embeddings : ndarray of shape (B, D), dtype=float32
+        """
+        texts = self._texts(texts, "texts")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cfg = self.config
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(texts[start:start + batch_size])
+            h = self.hidden_states(ids, mask)                                   # (b, S, H)
+            out.append(_forward.sentence_pool(h, mask, cfg.sentence_pooling, cfg.sentence_normalize))
+        return np.concatenate(out, axis=0)
+
+    def fill_mask(self, text, top_k=5):
+        """Most likely tokens for each mask token in ``text``.
+
+        Parameters
+        ----------
+        text : str
+            Must contain the mask token (``<mask>`` for UltraFastBERT,
+            ``[MASK]`` for BERT).
+        top_k : int, default=5
+
+        Returns
+        -------
+        predictions : list (one per mask, in order) of lists of (token, probability)
+        """
+        self._need_head("mlm")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("text is empty")
+        if self._mask_id is None:
+            raise ValueError("the tokenizer has no mask token")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        ids, mask = self.tokenize([text])
+        positions = np.flatnonzero(ids[0] == self._mask_id)
+        if positions.size == 0:
+            raise ValueError(f"no {self.config.mask_token} token in the text (after truncation to "
+                             f"{self.config.max_length} tokens)")
+        with self._blas_limit():
+            h = _forward.encode(self.params, self.config, self._ffns, ids, mask, None, self.n_threads)
+            logits = _forward.mlm_head(self.params, self.config, h[0, positions])  # (M, V)
+        logits = logits.astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)                                   # (M, V)
+        k = min(int(top_k), probs.shape[1])
+        result = []
+        for row in probs:
+            best = np.argsort(-row, kind="stable")[:k]
+            result.append([(self.tokenizer.id_to_token(int(i)), float(row[i])) for i in best])
+        return result
+
+    # ------------------------------------------------------------------ misc
+    def n_parameters(self):
+        """Stored weight elements (the tied decoder counted once)."""
+        return int(sum(a.size for a in self.params.values()))
+
+
+def load(path, *, n_threads=None):
+    """Load a checkpoint folder or a pyfff export.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A HuggingFace-format folder (``config.json`` + ``model.safetensors``
+        [+ ``tokenizer.json``, ``modules.json``, ``1_Pooling/config.json``]) of
+        a crammedBERT/UltraFastBERT or BERT model, or a folder written by
+        :func:`pyfff.export`.
+    n_threads : int or None, default=None
+        Threads for the FFF kernels and BLAS. None: all usable cores, and
+        BLAS is left as configured; k > 0: k threads for both; -1: all CPUs.
+
+    Returns
+    -------
+    model : Encoder
+
+    Raises
+    ------
+    FileNotFoundError
+        Missing folder or files.
+    CheckpointError (a ValueError)
+        Corrupt or truncated files, missing or misshapen tensors.
+    NotImplementedError
+        A config value pyfff does not implement (the message names the key).
+    """
+    cfg, params, _ = read_folder(path)
+    tokenizer = None
+    tok_path = os.path.join(os.fspath(path), "tokenizer.json")
+    if os.path.isfile(tok_path):
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(tok_path)
+        except Exception as exc:  # the Rust library raises plain Exception
+            raise CheckpointError(f"{tok_path}: cannot be read by tokenizers ({exc})") from None
+    return Encoder(cfg, params, tokenizer=tokenizer, n_threads=n_threads, path=os.fspath(path))
+
+
+def export(src, dst, *, overwrite=False):
+    """Write a kernel-ready copy of a checkpoint: ``model.safetensors`` + ``config.json`` (+ tokenizer files).
+
+    The weights are stored in the layouts the encoder uses (fused QKV in
+    [Q; K; V] blocks with the attention scale folded into Q, FFF output
+    weights node-major, the sinusoid table precomputed, the tied decoder
+    stored once), so :func:`load` maps them without per-tensor copies.
+
+    Parameters
+    ----------
+    src : str or os.PathLike
+        Anything :func:`load` reads.
+    dst : str or os.PathLike
+        Output folder; created. It must not exist or be empty unless
+        ``overwrite`` is true.
+    overwrite : bool, default=False
+
+    Returns
+    -------
+    dst : str
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    cfg, params, raw = read_folder(src)
+    if os.path.exists(dst):
+        if os.path.realpath(dst) == os.path.realpath(src):
+            raise ValueError("export destination is the source folder")
+        if not os.path.isdir(dst):
+            raise FileExistsError(f"{dst!r} exists and is not a folder")
+        if os.listdir(dst) and not overwrite:
+            raise FileExistsError(f"{dst!r} is not empty (pass overwrite=True to replace its files)")
+    os.makedirs(dst, exist_ok=True)
+    source = raw.get("source") if raw.get("format") == FORMAT else {"path": os.path.abspath(src), "config": raw}
+    out_cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "pyfff_version": __version__,
+               "encoder": cfg.to_dict(), "source": source}
+    # write to temporary names, then rename: a crash never leaves a half-written model.safetensors behind
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=dst)
+    os.close(fd)
+    try:
+        write_safetensors(tmp, params, {"format": FORMAT, "format_version": FORMAT_VERSION})
+        os.replace(tmp, os.path.join(dst, "model.safetensors"))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(out_cfg, fh, indent=1)
+        fh.write("\n")
+    for name in _SIDE_FILES:
+        f = os.path.join(src, name)
+        if os.path.isfile(f):
+            shutil.copyfile(f, os.path.join(dst, name))
+    return dst
+
+
+def _config_from_export(path):
+    """EncoderConfig of an export folder without mapping its weights (for ``pyfff info``)."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+        return EncoderConfig.from_dict(json.load(fh)["encoder"])
