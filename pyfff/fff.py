@@ -97,7 +97,6 @@ class FFF:
             if arr is not None and not np.isfinite(arr).all():
                 raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
-        self.w_in, self.b_in, self.w_out = w_in, b_in, w_out
         self.n_trees = n_trees
         self.depth = depth
         self.n_nodes = 2 ** (depth + 1) - 1
@@ -106,6 +105,8 @@ class FFF:
         self.dtype = dtype
         self.activation = activation
         self._act_code = _fff_cpu.ACTIVATION_CODES[activation]
+        self._bound = _fff_cpu.BoundLayer(w_in, b_in, w_out, depth, n_trees, self._act_code,
+                                          _openmp_effective_n_threads)
 
     # ----------------------------------------------------------------- makers
     @classmethod
@@ -179,12 +180,11 @@ class FFF:
         -------
         y : ndarray of shape (..., d_out), dtype of the layer
         """
+        y = self._bound.forward(x, n_threads)  # fast path: (n, d_in) C-contiguous, layer dtype
+        if y is not NotImplemented:
+            return y
         x2, lead = self._prepare(x)
-        n_threads = _openmp_effective_n_threads(n_threads)
-        y = np.empty((x2.shape[0], self.d_out), dtype=self.dtype)
-        _fff_cpu.fff_forward(x2, self.w_in, self.b_in, self.w_out, self.depth, self.n_trees, self._act_code,
-                             y, None, n_threads)
-        return y if len(lead) == 1 else y.reshape(lead + (self.d_out,))
+        return self._bound.forward(x2, n_threads).reshape(lead + (self.d_out,))
 
     def routes(self, x, n_threads=None):
         """Visited node indices (within each tree), level by level.
@@ -204,6 +204,22 @@ class FFF:
     def __repr__(self):
         return (f"FFF(d_in={self.d_in}, d_out={self.d_out}, depth={self.depth}, n_trees={self.n_trees}, "
                 f"dtype={self.dtype.name}, activation={self.activation!r})")
+
+    # The weights are read-only attributes: the compiled layer holds pointers to them.
+    @property
+    def w_in(self):
+        """ndarray of shape (n_trees * n_nodes, d_in): input weights (do not modify in place)."""
+        return self._bound.w_in
+
+    @property
+    def b_in(self):
+        """ndarray of shape (n_trees * n_nodes,) or None: input biases."""
+        return self._bound.b_in
+
+    @property
+    def w_out(self):
+        """ndarray of shape (n_trees * n_nodes, d_out): node-major output weights."""
+        return self._bound.w_out
 
     @property
     def n_neurons(self):
