@@ -29,8 +29,24 @@ def _as_float_array(a, name, dtype=None):
     if arr.dtype.kind != "f":
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
     if dtype is None:
-        dtype = arr.dtype if arr.dtype in _FLOATS else np.dtype(np.float32)
-    return np.ascontiguousarray(arr, dtype=dtype)
+        # Byte order is not precision: a big-endian '>f8' array is a float64 layer.
+        native = arr.dtype.newbyteorder("=")
+        dtype = native if native in _FLOATS else np.dtype(np.float32)
+    # asarray(order="C"), not ascontiguousarray: the latter turns a 0-d array into shape (1,).
+    return np.asarray(arr, dtype=dtype, order="C")
+
+
+def _check_n_trees(n_trees):
+    """n_trees as a positive int; TypeError for non-integers (bool included)."""
+    if isinstance(n_trees, (bool, np.bool_)):
+        raise TypeError("n_trees must be an int, got bool")
+    try:
+        n_trees = operator.index(n_trees)
+    except TypeError:
+        raise TypeError(f"n_trees must be an int, got {type(n_trees).__name__}") from None
+    if n_trees < 1:
+        raise ValueError(f"n_trees must be >= 1, got {n_trees}")
+    return n_trees
 
 
 class FFF:
@@ -70,12 +86,7 @@ class FFF:
             b_in = _as_float_array(b_in, "b_in", dtype)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-        try:
-            n_trees = operator.index(n_trees)
-        except TypeError:
-            raise TypeError(f"n_trees must be an int, got {type(n_trees).__name__}") from None
-        if n_trees < 1:
-            raise ValueError(f"n_trees must be >= 1, got {n_trees}")
+        n_trees = _check_n_trees(n_trees)
         if w_in.ndim != 2:
             raise ValueError(f"w_in must be 2-D (n_trees * n_nodes, d_in), got shape {w_in.shape}")
         if w_out.ndim != 2:
@@ -133,6 +144,7 @@ class FFF:
         Input rows are N(0, 1/d_in) so logits are O(1); output rows are
         N(0, 1/(n_trees * (depth + 1))) so outputs are O(1) too.
         """
+        n_trees = _check_n_trees(n_trees)
         depth = operator.index(depth)
         if depth < 0 or depth > MAX_DEPTH:
             raise ValueError(f"depth must be in 0..{MAX_DEPTH}, got {depth}")
