@@ -13,7 +13,7 @@ from .._config import __version__
 from .._openmp_helpers import _openmp_effective_n_threads
 from ..fff import FFF
 from . import _forward
-from ._checkpoint import FORMAT, FORMAT_VERSION, EncoderConfig, read_folder
+from ._checkpoint import FORMAT, FORMAT_VERSION, read_folder
 from ._safetensors import CheckpointError, write_safetensors
 
 __all__ = ["Encoder", "load", "export"]
@@ -411,8 +411,3 @@ def export(src, dst, *, overwrite=False):
             shutil.copyfile(f, os.path.join(dst, name))
     return dst
 
-
-def _config_from_export(path):
-    """EncoderConfig of an export folder without mapping its weights (for ``pyfff info``)."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-        return EncoderConfig.from_dict(json.load(fh)["encoder"])

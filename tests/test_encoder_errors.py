@@ -1,0 +1,345 @@
+"""Bad input to pyfff.load / pyfff.export / the model methods, one case at a time.
+
+Every case must raise a specific, explanatory exception: never a crash, never
+a silent wrong answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import encoder_helpers as eh
+import pyfff
+from pyfff.encoder import CheckpointError
+
+MLM = os.path.join(eh.TINY, "mlm")
+CLASSIFIER = os.path.join(eh.TINY, "classifier")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return pyfff.load(MLM)
+
+
+def _copy(tmp_path, src=MLM):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(folder, edit):
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    edit(cfg)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(cfg, fh)
+
+
+# --------------------------------------------------------------------------- paths and files
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        pyfff.load(tmp_path / "nope")
+
+
+def test_path_is_a_file():
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        pyfff.load(os.path.join(MLM, "config.json"))
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_missing_file_in_folder(tmp_path, name):
+    folder = _copy(tmp_path)
+    os.remove(folder / name)
+    with pytest.raises(FileNotFoundError, match=name):
+        pyfff.load(folder)
+
+
+def test_config_not_json(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        pyfff.load(folder)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, -1000, -4])
+def test_truncated_safetensors(tmp_path, keep):
+    folder = _copy(tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:len(data) + keep])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        pyfff.load(folder)
+
+
+def test_corrupt_safetensors_header(tmp_path):
+    folder = _copy(tmp_path)
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:12] = b"@@@@"  # inside the JSON header
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        pyfff.load(folder)
+
+
+def test_corrupt_safetensors_offsets(tmp_path):
+    """A header whose sizes disagree with dtype x shape is rejected before any tensor is used."""
+    folder = _copy(tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = "encoder.final_norm.bias"
+    header[name]["shape"] = [header[name]["shape"][0] + 1]
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(raw) == n
+    path.write_bytes(data[:8] + raw + data[8 + n:])
+    with pytest.raises(CheckpointError, match=name):
+        pyfff.load(folder)
+
+
+def test_unreadable_tokenizer(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "tokenizer.json").write_text('{"model": 1}')
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        pyfff.load(folder)
+
+
+# --------------------------------------------------------------------------- tensors
+def test_missing_tensor_is_named(tmp_path):
+    config = eh.crammed_config()
+    tensors = eh.crammed_tensors(config)
+    del tensors["encoder.layers.1.ffn.linear_in.bias"]
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, tensors)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'encoder\.layers\.1\.ffn\.linear_in\.bias'"):
+        pyfff.load(folder)
+
+
+def test_misshapen_tensor_names_key_and_both_shapes(tmp_path):
+    config = eh.crammed_config()
+    tensors = eh.crammed_tensors(config)
+    tensors["encoder.layers.0.attn.dense.weight"] = tensors["encoder.layers.0.attn.dense.weight"][:, :40].copy()
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, tensors)
+    with pytest.raises(CheckpointError, match=r"'encoder\.layers\.0\.attn\.dense\.weight' has shape \(48, 40\), "
+                                              r"expected \(48, 48\)"):
+        pyfff.load(folder)
+
+
+def test_fff_rows_that_do_not_match_the_depth(tmp_path):
+    config = eh.crammed_config(depth=2, n_trees=2)
+    config["arch"]["intermed_depth"] = 3  # the file holds depth-2 trees
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, eh.crammed_tensors(eh.crammed_config()))
+    with pytest.raises(CheckpointError, match=r"linear_in\.weight' has shape \(14, 48\), expected \(30, 48\)"):
+        pyfff.load(folder)
+
+
+def test_unexpected_tensor_is_rejected(tmp_path):
+    """A bias the config does not announce (qkv_bias=false) would otherwise be silently ignored."""
+    config = eh.crammed_config()
+    tensors = eh.crammed_tensors(config)
+    tensors["encoder.layers.0.attn.self_attention.query_key_value.bias"] = np.ones(144, np.float32)
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, tensors)
+    with pytest.raises(CheckpointError, match="unexpected tensors 'encoder.layers.0.attn.self_attention"):
+        pyfff.load(folder)
+
+
+def test_integer_weight_is_rejected(tmp_path):
+    config = eh.crammed_config()
+    tensors = eh.crammed_tensors(config)
+    tensors["encoder.final_norm.weight"] = np.ones(48, np.int64)
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, tensors)
+    with pytest.raises(CheckpointError, match="final_norm.weight' has dtype int64"):
+        pyfff.load(folder)
+
+
+def test_classifier_head_without_head_weight(tmp_path):
+    config = eh.crammed_config(head="classifier")
+    tensors = eh.crammed_tensors(config)
+    del tensors["head.weight"]
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, tensors)
+    with pytest.raises(CheckpointError, match="head.weight"):
+        pyfff.load(folder)
+
+
+# --------------------------------------------------------------------------- config values
+@pytest.mark.parametrize("key, value", [
+    ("nonlin", "ReLU"),
+    ("norm", "RMSNorm"),
+    ("intermed_type", "moe"),
+    ("skip_head_transform", False),
+    ("embedding.pos_embedding", "learned"),
+    ("attention.type", "pytorch"),
+    ("attention.causal_attention", True),
+    ("attention.rotary_embedding", True),
+    ("attention.sequence_op", "torch-norm"),
+    ("attention.skip_output_projection", True),
+    ("ffn_layer_frequency", 2),
+])
+def test_unimplemented_crammed_config_values_are_named(tmp_path, key, value):
+    folder = _copy(tmp_path)
+
+    def edit(cfg):
+        node = cfg["arch"]
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+    _edit_config(folder, edit)
+    with pytest.raises(NotImplementedError, match=rf"{key}={value!r}"):
+        pyfff.load(folder)
+
+
+@pytest.mark.parametrize("key, value", [("pooler", "lse"), ("include_ff_layer", False), ("nonlin", "ReLU")])
+def test_unimplemented_classification_head_values(tmp_path, key, value):
+    folder = _copy(tmp_path, CLASSIFIER)
+    _edit_config(folder, lambda cfg: cfg["arch"]["classification_head"].__setitem__(key, value))
+    with pytest.raises(NotImplementedError, match=rf"classification_head\.{key}"):
+        pyfff.load(folder)
+
+
+def test_unknown_model_type(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_config(folder, lambda cfg: cfg.__setitem__("model_type", "gpt2"))
+    with pytest.raises(NotImplementedError, match="model_type='gpt2'"):
+        pyfff.load(folder)
+
+
+def test_unknown_crammed_architecture(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_config(folder, lambda cfg: cfg.__setitem__("architectures", ["ScriptableLMForTokenClassification"]))
+    with pytest.raises(NotImplementedError, match="ScriptableLMForTokenClassification"):
+        pyfff.load(folder)
+
+
+def test_missing_config_key_is_named(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_config(folder, lambda cfg: cfg["arch"]["attention"].pop("num_attention_heads"))
+    with pytest.raises(CheckpointError, match="attention.num_attention_heads"):
+        pyfff.load(folder)
+
+
+def test_heads_must_divide_hidden(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_config(folder, lambda cfg: cfg["arch"]["attention"].__setitem__("num_attention_heads", 3))
+    with pytest.raises(CheckpointError, match="not divisible"):
+        pyfff.load(folder)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_act", "relu"), ("position_embedding_type", "relative_key"),
+                                        ("is_decoder", True)])
+def test_unimplemented_bert_config_values(tmp_path, key, value):
+    folder, config, _ = eh.write_bert(tmp_path / "ckpt")
+    _edit_config(folder, lambda cfg: cfg.__setitem__(key, value))
+    with pytest.raises(NotImplementedError, match=rf"{key}={value!r}"):
+        pyfff.load(folder)
+
+
+def test_export_format_version_mismatch(tmp_path):
+    out = pyfff.export(MLM, tmp_path / "export")
+    _edit_config(out, lambda cfg: cfg.__setitem__("format_version", 99))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        pyfff.load(out)
+
+
+def test_export_with_missing_tensor(tmp_path):
+    out = pyfff.export(MLM, tmp_path / "export")
+    _edit_config(out, lambda cfg: cfg["encoder"].__setitem__("n_layers", 3))
+    with pytest.raises(CheckpointError, match="missing tensor 'layers.2."):
+        pyfff.load(out)
+
+
+def test_export_refuses_non_empty_destination(tmp_path):
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        pyfff.export(MLM, tmp_path / "dst")
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "x"
+    pyfff.export(MLM, tmp_path / "dst", overwrite=True)
+    assert (tmp_path / "dst" / "model.safetensors").is_file()
+
+
+def test_export_refuses_its_own_source(tmp_path):
+    out = pyfff.export(MLM, tmp_path / "export")
+    with pytest.raises(ValueError, match="source"):
+        pyfff.export(out, out, overwrite=True)
+
+
+# --------------------------------------------------------------------------- model inputs
+def test_ids_out_of_vocabulary(model):
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"input id {V} is outside the vocabulary"):
+        model.hidden_states(np.array([[1, 2, V]]))
+    with pytest.raises(ValueError, match="input id -1 is outside"):
+        model.hidden_states(np.array([[1, -1, 2]]))
+
+
+def test_sequence_longer_than_positions(model):
+    P = model.config.max_positions
+    with pytest.raises(ValueError, match=f"sequence length {P + 1} is longer than the model's {P} positions"):
+        model.hidden_states(np.ones((1, P + 1), np.int64))
+
+
+def test_tokenize_truncates_instead(model):
+    ids, mask = model.tokenize(["word " * 200])
+    assert ids.shape == (1, model.config.max_positions)
+    model.hidden_states(ids, mask)
+
+
+def test_mismatched_mask_shape(model):
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\) but input_ids has \(2, 5\)"):
+        model.hidden_states(np.ones((2, 5), np.int64), np.ones((2, 4), np.int64))
+
+
+def test_mask_values_must_be_0_or_1(model):
+    with pytest.raises(ValueError, match="only 0"):
+        model.hidden_states(np.ones((1, 3), np.int64), np.array([[1, 2, 0]]))
+
+
+@pytest.mark.parametrize("ids", [np.ones((1, 3), np.float32), np.array([[True, False]]), np.array([["a"]])])
+def test_ids_must_be_integers(model, ids):
+    with pytest.raises(TypeError, match="integers"):
+        model.hidden_states(ids)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0), (1, 2, 3)])
+def test_empty_or_wrong_rank_ids(model, shape):
+    with pytest.raises(ValueError, match="input_ids"):
+        model.hidden_states(np.ones(shape, np.int64))
+
+
+def test_empty_texts(model):
+    with pytest.raises(ValueError, match="empty"):
+        model.tokenize([])
+    with pytest.raises(ValueError, match="empty"):
+        model.embed([])
+    with pytest.raises(ValueError, match="empty"):
+        model.fill_mask("")
+    with pytest.raises(TypeError, match="strings"):
+        model.tokenize([b"bytes"])
+
+
+def test_pairs_must_match_texts(model):
+    with pytest.raises(ValueError, match="2 texts but 1 pairs"):
+        model.tokenize(["a", "b"], ["c"])
+
+
+def test_fill_mask_without_mask_token(model):
+    with pytest.raises(ValueError, match="no <mask> token"):
+        model.fill_mask("no mask here")
+
+
+def test_wrong_head(model):
+    with pytest.raises(ValueError, match="no classifier head"):
+        model.classify(np.ones((1, 3), np.int64))
+    with pytest.raises(ValueError, match="no mlm head"):
+        pyfff.load(CLASSIFIER).mlm_logits(np.ones((1, 3), np.int64))
+
+
+def test_token_types_on_crammed_model(model):
+    with pytest.raises(ValueError, match="no token-type embeddings"):
+        model.hidden_states(np.ones((1, 3), np.int64), token_type_ids=np.zeros((1, 3), np.int64))
