@@ -98,9 +98,8 @@ def test_weight_dtypes_follow_w_in(weights):
 def test_byte_swapped_weights_keep_their_precision(weights):
     """Big-endian float64 weights (e.g. from a '>f8' file) must give a float64 layer.
 
-    Fails now: pyfff/fff.py `_as_float_array` tests `arr.dtype in _FLOATS`,
-    which is False for dtype('>f8'), so such weights are silently cast to
-    float32 ('>f4' ends up float32 only because that is the fallback).
+    Regression (fixed in 01b2242): `_as_float_array` tested `arr.dtype in
+    _FLOATS`, False for dtype('>f8'), so such weights became float32.
     """
     w_in, b_in, w_out = (a.astype(np.float64) for a in weights)
     swapped = [a.astype(a.dtype.newbyteorder()) for a in (w_in, b_in, w_out)]
@@ -108,6 +107,25 @@ def test_byte_swapped_weights_keep_their_precision(weights):
     assert layer.dtype == np.float64
     x = np.random.default_rng(0).standard_normal((5, 11))
     np.testing.assert_array_equal(layer(x), FFF(w_in, b_in, w_out, n_trees=2)(x), strict=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_byte_swapped_input(global_random_seed, dtype):
+    """A C-contiguous (n, d_in) input in foreign byte order must be converted, not read as native.
+
+    Fails at 01b2242: ``BoundLayer.forward`` in pyfff/_fff_cpu.pyx takes its fast
+    path when ``PyArray_TYPE(xa) == self.typenum``, and the type number does
+    not encode the byte order, so '>f4' data is read as '<f4' (outputs of
+    1e+304). Fix: also require ``cnp.PyArray_ISNOTSWAPPED(xa)`` (or
+    ``PyArray_ISBEHAVED_RO``, which adds alignment) for the fast path.
+    """
+    layer, x = random_layer_and_x(global_random_seed, 9, 13, 4, 3, dtype=dtype)
+    swapped = x.astype(x.dtype.newbyteorder())
+    assert swapped.flags.c_contiguous and swapped.dtype != x.dtype
+    for n_threads in (1, 2, None):
+        np.testing.assert_array_equal(layer(swapped, n_threads=n_threads), layer(x), strict=True)
+        np.testing.assert_array_equal(layer(swapped[0], n_threads=n_threads), layer(x[0]), strict=True)
+    np.testing.assert_array_equal(layer.routes(swapped), layer.routes(x), strict=True)
 
 
 @pytest.mark.parametrize("layer_dtype", [np.float32, np.float64])

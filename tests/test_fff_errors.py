@@ -76,8 +76,8 @@ def test_b_in_wrong_shape(weights, shape):
 def test_zero_d_weight_reports_its_real_shape(weights, which):
     """A 0-d weight must be reported as shape ().
 
-    Fails now: pyfff/fff.py `_as_float_array` calls np.ascontiguousarray,
-    which turns 0-d arrays into shape (1,), so the message says "got (1,)".
+    Regression (fixed in 01b2242): np.ascontiguousarray turned 0-d weights
+    into shape (1,), so the message said "got (1,)".
     """
     w_in, b_in, w_out = weights
     args = {"w_in": w_in, "b_in": b_in, "w_out": w_out}
@@ -208,8 +208,8 @@ def test_n_trees_not_an_int(weights, n_trees):
 def test_n_trees_bool_is_not_a_count(weights):
     """n_trees=True must be a TypeError, as n_threads=True is.
 
-    Fails now: pyfff/fff.py uses operator.index(n_trees), which accepts
-    bools, so FFF(w_in[:7], ..., n_trees=True) builds a one-tree layer.
+    Regression (fixed in 01b2242): operator.index(n_trees) accepts bools,
+    so FFF(w_in[:7], ..., n_trees=True) built a one-tree layer.
     """
     w_in, b_in, w_out = weights
     with pytest.raises(TypeError, match=r"n_trees must be an int, got bool"):
@@ -224,9 +224,9 @@ def test_n_trees_bool_is_not_a_count(weights):
 def test_random_checks_n_trees(n_trees, error, match):
     """FFF.random must give the constructor's messages.
 
-    Fails now for -1 and 1.5: FFF.random computes the row count from n_trees
-    before any check, so NumPy answers "negative dimensions are not allowed"
-    and "'float' object cannot be interpreted as an integer".
+    Regression (fixed in 01b2242): FFF.random computed the row count before
+    any check, so NumPy answered "negative dimensions are not allowed" and
+    "'float' object cannot be interpreted as an integer".
     """
     with pytest.raises(error, match=match):
         FFF.random(4, 3, 2, n_trees=n_trees)

@@ -159,6 +159,9 @@ def _views(x_big):
     d = d2 // 2
     ro = x_big[::2, :d].copy()
     ro.setflags(write=False)
+    unaligned = np.ndarray((n2 // 2, d), dtype=x_big.dtype, buffer=bytearray(n2 // 2 * d * x_big.itemsize + 1),
+                           offset=1)
+    unaligned[...] = x_big[n2 // 2:, :d]
     return {
         "rows strided": x_big[::2, :d],
         "cols strided": x_big[: n2 // 2, ::2],
@@ -169,6 +172,7 @@ def _views(x_big):
         "read-only": ro,
         "3-D strided": x_big.reshape(2, n2 // 2, d2)[:, ::3, 1::2],
         "byte-swapped": x_big[: n2 // 2, :d].astype(x_big.dtype.newbyteorder()),
+        "unaligned": unaligned,
     }
 
 
@@ -179,7 +183,7 @@ def test_non_contiguous_inputs(global_random_seed, view, dtype):
     x_big = np.random.default_rng(global_random_seed).standard_normal((2 * 45, 2 * 23)).astype(dtype)
     x = _views(x_big)[view]
     assert x.shape[-1] == layer.d_in
-    assert view == "byte-swapped" or not x.flags.c_contiguous or not x.flags.writeable
+    assert view in ("byte-swapped", "unaligned") or not x.flags.c_contiguous or not x.flags.writeable
     copy = np.ascontiguousarray(x, dtype=dtype)
     for n_threads in (1, 2):
         np.testing.assert_array_equal(layer(x, n_threads=n_threads), layer(copy, n_threads=n_threads), strict=True)
