@@ -30,15 +30,20 @@ for batch in a.batch:
         with threadpool_limits(nt, "blas"):
             y = layer(x, n_threads=nt)
             same = bool(np.array_equal(y, ref))
+            # FFF first, then dense, with a pause between: OpenBLAS worker threads
+            # busy-wait after a GEMM (and libgomp's after a parallel region), so
+            # interleaving the two oversubscribes the cores once threads > cores / 2.
             t_f = t_d = float("inf")
             for r in range(a.repeat):
                 t0 = time.perf_counter()
                 layer(x, n_threads=nt)
                 t_f = min(t_f, time.perf_counter() - t0)
-                if r < 2:
-                    t0 = time.perf_counter()
-                    np.matmul(x @ w1.T, w2)
-                    t_d = min(t_d, time.perf_counter() - t0)
+            time.sleep(0.5)
+            for r in range(2):
+                t0 = time.perf_counter()
+                np.matmul(x @ w1.T, w2)
+                t_d = min(t_d, time.perf_counter() - t0)
+            time.sleep(0.5)
         base = base or t_f
         print(f"batch {batch:6d} threads {nt:3d}: fff {t_f / batch * 1e6:7.3f} us/token  dense {t_d / batch * 1e6:8.2f}"
               f" us/token  scaling {base / t_f:5.2f}x  vs dense {t_d / t_f:6.1f}x  bitwise-equal-to-1-thread {same}",
