@@ -1,0 +1,43 @@
+"""One forward pass per schedule at the benchmark shape, for Nsight Compute's per-kernel counters.
+
+Run: ncu --clock-control none -k regex:fff --metrics gpu__time_duration.sum,dram__bytes_read.sum,\
+dram__bytes_write.sum,lts__t_sector_hit_rate.pct,l1tex__t_sector_hit_rate.pct python bench/dev/gpu_profile.py
+
+Width 768, depth 11, float32, batch 16384 (override with the first argument). Each schedule runs
+once unprofiled first (NVRTC compilation, memory pool), then once more; ncu's per-kernel rows show
+where the time of a pass goes: the two fff_route stages, the two fff_bucket_scatter sorts and
+fff_output, next to the warp-per-token baseline of bench/dev/gpu_warp_baseline.cu.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+import pyfff
+import pyfff.gpu
+
+SCHEDULES = {"split6": ((6,), True), "direct": ((), False), "leafsort": ((), True)}
+
+
+def main(batch=16384):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_baseline import warp_baseline
+
+    layer = pyfff.gpu.FFF.from_cpu(pyfff.FFF.random(768, 768, 11, seed=0))
+    x = cp.asarray(np.random.default_rng(0).standard_normal((batch, 768), dtype=np.float32))
+    for name, (splits, sort_output) in SCHEDULES.items():
+        for _ in range(2):
+            layer._run(x, want_output=True, splits=splits, sort_output=sort_output)
+        cp.cuda.Device().synchronize()
+        print(f"ran {name}", flush=True)
+    for _ in range(2):
+        warp_baseline(layer, x)
+    cp.cuda.Device().synchronize()
+    print("ran warp baseline", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 16384)
