@@ -85,6 +85,14 @@ def test_weights_keep_their_dtype_without_a_copy(weights, dtype):
         assert np.shares_memory(mine, theirs)
 
 
+@pytest.mark.parametrize("name", ["w_in", "b_in", "w_out"])
+def test_weights_cannot_be_rebound(weights, name):
+    # the compiled layer holds pointers to the validated arrays
+    layer = FFF(*weights, n_trees=2)
+    with pytest.raises(AttributeError):
+        setattr(layer, name, getattr(layer, name).copy())
+
+
 def test_weight_dtypes_follow_w_in(weights):
     w_in, b_in, w_out = weights
     layer = FFF(w_in.astype(np.float64), b_in, w_out.astype(np.float16), n_trees=2)
