@@ -120,16 +120,18 @@ def test_masked_dense_reference(global_random_seed, batch, d_in, d_out, depth, n
 # ------------------------------------------------------------------ invariances
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bitwise_identical_for_threads_limits_and_tiles(global_random_seed, dtype):
-    # 1300 tokens: several 512-token tiles and a ragged last tile
-    layer, x = random_layer_and_x(global_random_seed, 1300, 37, 19, 9, n_trees=2, dtype=dtype)
+    # two default tiles and a ragged third one, even on one thread
+    batch = 2 * _fff_cpu.DEFAULT_TILE + 77
+    layer, x = random_layer_and_x(global_random_seed, batch, 37, 19, 9, n_trees=2, dtype=dtype)
     y = layer(x, n_threads=1)
     routes = layer.routes(x, n_threads=1)
+    compare_with_reference(layer, x, y=y, routes=routes)
     assert_same_across_threads(layer, x, y, routes)
     with threadpool_limits(limits=1, user_api="openmp"):
         assert _openmp_effective_n_threads() == 1
         np.testing.assert_array_equal(layer(x), y, strict=True)
         np.testing.assert_array_equal(layer.routes(x), routes, strict=True)
-    for tile in (1, 2, 7, 100, 512, 5000):
+    for tile in (1, 2, 7, 100, 512, 10**6):
         for n_threads in (1, 2):
             y_t = np.empty_like(y)
             r_t = np.empty_like(routes)
