@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 
@@ -152,8 +153,8 @@ def run_cases(args, cases):
             skipped.append(f"{kernel} ({shape.label}, {n} threads): {exc}")
             _progress(args, f"{where}: skipped ({exc})")
             continue
-        times, out = B.measure(prep, repeat=args.repeat, max_time=args.max_time)
-        res = B.result_from(prep, shape, times, prep.check(out))
+        times, out, load = B.measure(prep, repeat=args.repeat, max_time=args.max_time)
+        res = B.result_from(prep, shape, times, prep.check(out), load)
         del out
         results.append(res)
         _progress(args, f"{where}: {res.us_per_token:.3f} us/token, {res.n_runs} runs, "
@@ -161,8 +162,16 @@ def run_cases(args, cases):
     return B.speedups(results), skipped
 
 
+# a row timed while other processes used more than this many cores gets a '*' (see the footnote)
+BUSY_CORES = 0.25
+
+
 def _fmt_time(us):
     return f"{us:.3g}" if us < 1000 else f"{us:.0f}"
+
+
+def _busy(r):
+    return r.other_load is not None and r.other_load > BUSY_CORES
 
 
 def format_table(results):
@@ -171,14 +180,20 @@ def format_table(results):
     rows = []
     for r in results:
         rows.append([
-            r.kernel, str(r.n_threads), str(r.batch), str(r.depth), str(r.width), _fmt_time(r.us_per_token),
+            r.kernel, str(r.n_threads), str(r.batch), str(r.depth), str(r.width),
+            _fmt_time(r.us_per_token) + ("*" if _busy(r) else ""),
             "-" if r.speedup is None else f"{r.speedup:.1f}x", f"{r.gflops:.1f}", f"{r.gbytes_per_s:.1f}",
             "yes" if r.correct else "NO",
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(row) for row in rows])
+    table = [line(head), line(["-" * w for w in widths])] + [line(row) for row in rows]
+    busy = [r.other_load for r in results if _busy(r)]
+    if busy:
+        table.append(f"* other processes used up to {max(busy):.1f} of {os.cpu_count()} cores while this row was "
+                     "timed: its time (and speed-ups from it) may be disturbed; rerun on an idle machine")
+    return "\n".join(table)
 
 
 def _plot_label(r, attr):

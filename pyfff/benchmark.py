@@ -40,7 +40,7 @@ from .fff import FFF
 from .reference import apply_activation, fff_forward, fff_routes, masked_dense_forward
 
 __all__ = [
-    "BERT_BASE_NEURONS", "Check", "Prepared", "Result", "Shape", "Workload", "all_threads", "available_impls",
+    "BERT_BASE_NEURONS", "Check", "OtherLoad", "Prepared", "Result", "Shape", "Workload", "all_threads", "available_impls",
     "check_dense_output", "check_fff_output", "machine_info", "measure", "prepare", "run_case", "speedups",
     "time_calls",
 ]
@@ -168,7 +168,10 @@ def check_fff_output(layer: FFF, x, y, n_rows: int = CHECK_ROWS, routes=None, re
     tol = _logit_tolerance(xs, layer.w_in, layer.b_in, ref_nodes, layer.dtype)
     differs = got_nodes != ref_nodes  # (n, 1, depth + 1)
     first = np.argmax(differs, axis=2)[:, 0]  # first differing level (0 where none)
-    near_zero = np.abs(ref_logits[np.arange(n), 0, first]) <= tol[np.arange(n), 0, first]
+    # the routes part after the node one level up: its logit decided the branch
+    decide = np.maximum(first - 1, 0)
+    rows = np.arange(n)
+    near_zero = (first >= 1) & (np.abs(ref_logits[rows, 0, decide]) <= tol[rows, 0, decide])
     ties = ~same_route & near_zero
     bad = (~same_route & ~near_zero) | (same_route & ~row_ok)
     max_err = float(err[same_route].max()) if same_route.any() and err.size else 0.0
@@ -391,6 +394,39 @@ def time_calls(fn, *, repeat=5, warmup=1, min_time=0.1, max_time=3.0, min_runs=2
     return times, out
 
 
+class OtherLoad:
+    """CPU used by *other* processes while a block runs, in cores (Linux; None elsewhere).
+
+    The machine's busy time from ``/proc/stat`` minus this process's CPU time
+    (``time.process_time``, all threads), over the wall time. On a shared
+    machine, timings on several threads are only trustworthy when this is
+    near 0.
+    """
+
+    def __enter__(self):
+        self.cores = None
+        self._start = (self._busy(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy0, cpu0, t0 = self._start
+        busy1, cpu1, t1 = self._busy(), time.process_time(), time.perf_counter()
+        if busy0 is not None and busy1 is not None and t1 > t0:
+            self.cores = max(0.0, ((busy1 - busy0) - (cpu1 - cpu0)) / (t1 - t0))
+        return False
+
+    @staticmethod
+    def _busy():
+        """Seconds all CPUs have spent busy since boot (user, nice, system, irq, softirq, steal)."""
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()
+            ticks = [int(v) for v in fields[1:9]]
+            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+
 def plan_rounds(t_one, budget=1.0, min_rounds=3, max_rounds=1000):
     """Rounds of a call lasting ``t_one`` seconds that fit in ``budget`` seconds, clamped."""
     if t_one <= 0:
@@ -420,6 +456,7 @@ class Result:
     activation_timed: bool = True
     speedup: Optional[float] = None  # over the dense FF of the tree's neuron count, same threads, same run
     speedup_bert: Optional[float] = None  # over dense_3072, when it was measured in the same run
+    other_load: Optional[float] = None  # cores used by other processes while this case was timed
 
     @property
     def us_per_token(self):
@@ -439,26 +476,31 @@ class Result:
         return d
 
 
-def result_from(prep: Prepared, shape: Shape, times, check: Check) -> Result:
+def result_from(prep: Prepared, shape: Shape, times, check: Check, other_load=None) -> Result:
     return Result(
         kernel=prep.kernel, family=prep.family, n_threads=prep.n_threads, batch=shape.batch, depth=shape.depth,
         width=shape.width, dtype=shape.dtype, n_neurons=prep.n_neurons, best_s=min(times),
         median_s=statistics.median(times), n_runs=len(times), flops=prep.flops, bytes=prep.bytes,
-        correct=check.correct, check=dataclasses.asdict(check), activation_timed=prep.activation_timed)
+        correct=check.correct, check=dataclasses.asdict(check), activation_timed=prep.activation_timed,
+        other_load=other_load)
 
 
 def measure(prep: Prepared, **timing) -> tuple:
-    """Time ``prep.run`` (``time_calls`` keywords) inside its thread limits; return (times, last output)."""
-    with prep.limits():
-        return time_calls(prep.run, **timing)
+    """Time ``prep.run`` (``time_calls`` keywords) inside its thread limits.
+
+    Returns (times, last output, cores used by other processes meanwhile or None).
+    """
+    with prep.limits(), OtherLoad() as load:
+        times, out = time_calls(prep.run, **timing)
+    return times, out, load.cores
 
 
 def run_case(name: str, shape: Shape, n_threads: int, seed: int = 0, **timing) -> Result:
     """Prepare, time and check one implementation on one shape."""
     work = Workload(shape, seed)
     prep = prepare(name, work, n_threads)
-    times, out = measure(prep, **timing)
-    return result_from(prep, shape, times, prep.check(out))
+    times, out, load = measure(prep, **timing)
+    return result_from(prep, shape, times, prep.check(out), load)
 
 
 def speedups(results):
