@@ -326,3 +326,14 @@ def test_other_load_is_measured_and_flags_busy_rows():
     assert "other processes used up to 1.5" in table
     r.other_load = 0.0
     assert "*" not in format_table([r])
+
+
+def test_default_plan_runs_dense_gelu_only_up_to_batch_2048():
+    from pyfff._cli_bench import plan
+    from pyfff.__main__ import build_parser
+
+    cases = plan(build_parser().parse_args(["bench"]))
+    assert {s.batch for s, _, k in cases if k == "dense_gelu"} == {1, 2048}
+    assert 16384 in {s.batch for s, _, k in cases if k == "dense"}
+    cases = plan(build_parser().parse_args(["bench", "--kernels", "dense_gelu"]))
+    assert 16384 in {s.batch for s, _, k in cases}
