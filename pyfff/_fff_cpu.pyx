@@ -120,7 +120,8 @@ cdef inline void _tile(const floating *x, const floating *w_in, const floating *
 
 cdef inline void *_data(cnp.ndarray a, int typenum, Py_ssize_t n_elems, str name) except NULL:
     """Data pointer of a C-contiguous array of this type and size (cheap checks, no copies)."""
-    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_SIZE(a) != n_elems:
+    if (cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_SIZE(a) != n_elems
+            or not cnp.PyArray_ISNOTSWAPPED(a) or not cnp.PyArray_ISALIGNED(a)):
         raise ValueError(f"internal error: {name} must be a C-contiguous array of {n_elems} elements of the "
                          "layer dtype (pyfff.FFF prepares it)")
     return cnp.PyArray_DATA(a)
@@ -233,12 +234,13 @@ cdef class BoundLayer:
             return NotImplemented
         xa = <cnp.ndarray>x
         if (cnp.PyArray_TYPE(xa) != self.typenum or cnp.PyArray_NDIM(xa) != 2
-                or cnp.PyArray_DIM(xa, 1) != self.d_in or not cnp.PyArray_IS_C_CONTIGUOUS(xa)):
+                or cnp.PyArray_DIM(xa, 1) != self.d_in or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
+                or not cnp.PyArray_ISNOTSWAPPED(xa) or not cnp.PyArray_ISALIGNED(xa)):
             return NotImplemented
         n = cnp.PyArray_DIM(xa, 0)
         # The thread count only matters past one tile per thread; still
         # validate an explicit value (n_threads=0 is an error) every time.
-        if type(n_threads) is int and n_threads > 0:
+        if type(n_threads) is int and 0 < n_threads <= 65536:
             nt = n_threads
         elif n_threads is not None or n > 1:
             nt = self._n_threads_fn(n_threads)

@@ -173,8 +173,8 @@ class FFF:
             raise ValueError(f"x must have shape (..., {self.d_in}), got {shape}")
         if len(shape) != 2:
             x = x.reshape(-1, self.d_in)
-        # ascontiguousarray returns x itself when it is already C-contiguous.
-        return np.ascontiguousarray(x), shape[:-1]
+        # x now has the layer's (native) dtype; copy only if not C-contiguous and aligned.
+        return np.require(x, requirements="CA"), shape[:-1]
 
     def __call__(self, x, n_threads=None):
         """Apply the layer.
