@@ -143,12 +143,24 @@ typedef FFF_T FFF_NAME(fff_vec_u) __attribute__((vector_size(64), aligned(sizeof
 #define FFF_LOAD(p) (*(const FFF_NAME(fff_vec_u) *)(p))
 #define FFF_STORE(p, v) (*(FFF_NAME(fff_vec_u) *)(p) = (v))
 
-/* Sum of the lanes of v, folded pairwise in a fixed order. */
+/* Sum of the lanes of v, folded pairwise in a fixed order: the upper half is
+ * added onto the lower half (64 -> 32 -> 16 bytes, memcpy of halves compiles
+ * to lane extracts), then the last lanes the same way in scalar code. */
+typedef FFF_T FFF_NAME(fff_half) __attribute__((vector_size(32)));
+typedef FFF_T FFF_NAME(fff_quarter) __attribute__((vector_size(16)));
 FFF_INLINE FFF_T FFF_NAME(fff_hsum)(const FFF_V *v)
 {
-    FFF_T s[64 / sizeof(FFF_T)];
-    memcpy(s, v, sizeof s);
-    for (int w = (int)FFF_VL / 2; w > 0; w >>= 1)
+    FFF_NAME(fff_half) h0, h1;
+    FFF_NAME(fff_quarter) q0, q1;
+    memcpy(&h0, v, 32);
+    memcpy(&h1, (const char *)v + 32, 32);
+    h0 += h1;
+    memcpy(&q0, &h0, 16);
+    memcpy(&q1, (const char *)&h0 + 16, 16);
+    q0 += q1;
+    FFF_T s[16 / sizeof(FFF_T)];
+    memcpy(s, &q0, 16);
+    for (int w = (int)(16 / sizeof(FFF_T)) / 2; w > 0; w >>= 1)
         for (int j = 0; j < w; j++)
             s[j] += s[j + w];
     return s[0];
