@@ -473,7 +473,7 @@ static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_
                                 zg += bias;
                             const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
                             path[p] = (int32_t)(t * n_nodes + nd);
-                            acts[p] = (zg != zg) ? zg : FFF_NAME(fff_act)(zg, act);
+                            acts[p] = zg; /* the logit; activated below, off the walk's critical path */
                             if (routes)
                                 routes[p] = nd;
                             node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
@@ -485,6 +485,10 @@ static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_
     }
     if (!y)
         return;
+    for (size_t p = 0; p < (size_t)n_tile * n_path; p++) {
+        const FFF_T z = acts[p];
+        acts[p] = (z != z) ? z : FFF_NAME(fff_act)(z, act); /* NaN stays NaN (relu too) */
+    }
 
     /* Output, FFF_SHARE tokens at a time, in order of their (last tree's)
      * leaf, i.e. sorted by their whole path: neighbours share upper rows. */
