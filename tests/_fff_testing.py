@@ -29,10 +29,11 @@ from pyfff import FFF, reference
 # Output tolerance per dtype: |y - y_ref| <= atol + rtol * magnitude, where
 # magnitude = sum over the visited nodes of |act(logit)| * |w_out[node]|, the
 # natural scale of the rounding error of the output sum (no cancellation
-# luck). Measured worst case over seeds 0-99 is ~10x below these.
+# luck). The largest difference measured (widths 1-768, depth 3-12, 1-4 trees,
+# every activation, 15 seeds) uses under a tenth of these.
 TOLERANCES = {
-    np.dtype(np.float32): {"rtol": 2e-5, "atol": 1e-6},
-    np.dtype(np.float64): {"rtol": 1e-13, "atol": 1e-15},
+    np.dtype(np.float32): {"rtol": 5e-5, "atol": 1e-6},
+    np.dtype(np.float64): {"rtol": 2e-13, "atol": 1e-15},
 }
 
 
