@@ -118,10 +118,9 @@ def plan(args):
     for dt in dtypes:
         if dt not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {dt!r}")
-    impls = B.available_impls()
     for k in kernels:
-        if k not in impls and not B._DENSE_NAME.match(k):
-            raise ValueError(f"unknown kernel {k!r}; expected one of {list(impls)}")
+        if not B.is_impl(k):
+            raise ValueError(f"unknown kernel {k!r}; expected one of {list(B.available_impls())}")
     if args.star:
         pairs = [(b, args.star_depth) for b in batches]
         pairs += [(args.star_batch, d) for d in depths if (args.star_batch, d) not in pairs]
@@ -191,8 +190,10 @@ def format_table(results):
             "yes" if r.correct else "NO",
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     table = [line(head), line(["-" * w for w in widths])] + [line(row) for row in rows]
     busy = [r.other_load for r in results if _busy(r)]
     if busy:

@@ -40,9 +40,9 @@ from .fff import FFF
 from .reference import apply_activation, fff_forward, fff_routes, masked_dense_forward
 
 __all__ = [
-    "BERT_BASE_NEURONS", "Check", "OtherLoad", "Prepared", "Result", "Shape", "Workload", "all_threads", "available_impls",
-    "check_dense_output", "check_fff_output", "machine_info", "measure", "prepare", "run_case", "speedups",
-    "time_calls",
+    "BERT_BASE_NEURONS", "Check", "OtherLoad", "Prepared", "Result", "Shape", "Unavailable", "Workload",
+    "all_threads", "available_impls", "blas_limits", "check_dense_output", "check_fff_output", "is_impl",
+    "machine_info", "measure", "plan_rounds", "prepare", "result_from", "run_case", "speedups", "time_calls",
 ]
 
 BERT_BASE_NEURONS = 3072
@@ -343,6 +343,11 @@ def available_impls():
         "dense_<N>": f"dense FF with N neurons, e.g. dense_{BERT_BASE_NEURONS} (BERT-base)",
         "dense_<N>_gelu": "dense_<N> with exact GELU",
     }
+
+
+def is_impl(name: str) -> bool:
+    """Whether :func:`prepare` knows ``name``."""
+    return name in ("pyfff", "numpy_ref") or bool(_DENSE_NAME.match(name))
 
 
 def prepare(name: str, work: Workload, n_threads: int) -> Prepared:
