@@ -46,6 +46,8 @@ int main(int argc, char **argv)
     for (ptrdiff_t i = 0; i < n_nodes * d; i++) { w_in[i] = frand(&s) * 0.06f; w_out[i] = frand(&s) * 0.06f; }
     for (ptrdiff_t i = 0; i < n_nodes; i++) b[i] = frand(&s) * 0.1f;
     for (ptrdiff_t i = 0; i < batch * d; i++) x[i] = frand(&s);
+    if (getenv("SAME_X")) /* every token equal: same path, all rows hot (compute-bound reference) */
+        for (ptrdiff_t i = d; i < batch * d; i++) x[i] = x[i % d];
     if (tile > batch) tile = batch;
     void *scratch = malloc(SCRATCH_FN(tile, depth, 1));
     for (int pass = 0; pass < 2; pass++) {
