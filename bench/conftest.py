@@ -63,16 +63,17 @@ class CaseRunner:
         self.config = config
         self.disabled = _benchmarks_disabled(config)
         self.budget = config.getoption("bench_budget")
-        self.best = {}  # (kernel, shape, n_threads) -> best seconds per call
+        # (kernel, shape, n_threads) -> (best seconds per call, cores used by other processes meanwhile)
+        self.best = {}
 
     def _baseline(self, base, shape, n_threads):
-        """Best seconds of implementation ``base`` (a pyfff.benchmark name) in this session."""
+        """(best seconds, other processes' load) of implementation ``base`` (a pyfff.benchmark name) here."""
         work = B.Workload(shape)
         prep = B.prepare(base, work, n_threads)
         key = (prep.kernel, shape, n_threads)
         if key not in self.best:
-            times, _, _ = B.measure(prep, repeat=3, max_time=self.budget)
-            self.best[key] = min(times)
+            times, _, load = B.measure(prep, repeat=3, max_time=self.budget)
+            self.best[key] = (min(times), load)
         return self.best[key]
 
     def __call__(self, benchmark, impl, shape, n_threads=None):
@@ -108,20 +109,21 @@ class CaseRunner:
             info["check_detail"] = check.detail
         if not benchmark.disabled:
             info["other_load"] = load.cores  # cores used by other processes meanwhile (shared machines)
-            self._record(benchmark, prep, shape)
+            self._record(benchmark, prep, shape, load.cores)
         assert check.correct, f"{prep.kernel} output does not match the reference: {check.detail}"
 
-    def _record(self, benchmark, prep, shape):
+    def _record(self, benchmark, prep, shape, load):
         best = benchmark.stats.stats.min
-        self.best[(prep.kernel, shape, prep.n_threads)] = best
+        self.best[(prep.kernel, shape, prep.n_threads)] = (best, load)
         info = benchmark.extra_info
         info.update(us_per_token=best / shape.batch * 1e6, gflops=prep.flops / best / 1e9,
                     gbytes_per_s=prep.bytes / best / 1e9, flops_per_call=prep.flops, bytes_per_call=prep.bytes)
-        dense = self._baseline("dense", shape, prep.n_threads)
+        dense, dense_load = self._baseline("dense", shape, prep.n_threads)
         info["speedup_vs_dense"] = dense / best  # dense FF of the tree's neuron count, same threads, same run
         info["baseline"] = f"dense_{shape.n_neurons} on {prep.n_threads} thread(s)"
+        info["baseline_other_load"] = dense_load
         if prep.family == "fff" and prep.n_threads > 1:
-            info["speedup_vs_1t"] = self._baseline("pyfff", shape, 1) / best
+            info["speedup_vs_1t"] = self._baseline("pyfff", shape, 1)[0] / best
 
 
 @pytest.fixture(scope="session")
