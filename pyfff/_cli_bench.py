@@ -180,11 +180,11 @@ def _busy(r):
 
 def format_table(results):
     """The results as a fixed-width text table (one row per result, in run order)."""
-    head = ["kernel", "threads", "batch", "depth", "width", "us/token", "speed-up", "GFLOP/s", "GB/s", "correct"]
+    head = ["kernel", "threads", "batch", "depth", "width", "dtype", "us/token", "speed-up", "GFLOP/s", "GB/s", "correct"]
     rows = []
     for r in results:
         rows.append([
-            r.kernel, str(r.n_threads), str(r.batch), str(r.depth), str(r.width),
+            r.kernel, str(r.n_threads), str(r.batch), str(r.depth), str(r.width), r.dtype,
             _fmt_time(r.us_per_token) + ("*" if _busy(r) else ""),
             "-" if r.speedup is None else f"{r.speedup:.1f}x", f"{r.gflops:.1f}", f"{r.gbytes_per_s:.1f}",
             "yes" if r.correct else "NO",

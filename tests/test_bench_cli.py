@@ -231,12 +231,14 @@ def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("kernel"))
-    for col in ("threads", "batch", "depth", "us/token", "speed-up", "correct"):
-        assert col in lines[header]
-    rows = lines[header + 2: header + 8]
-    assert [r.split()[0] for r in rows] == ["pyfff", "dense_7", "numpy_ref"] * 2
-    assert all(r.split()[-1] == "yes" for r in rows)
-    assert [r.split()[6] for r in rows[:2]] != ["-", "-"] and rows[1].split()[6] == "1.0x"
+    cols = lines[header].split()
+    assert cols[:8] == ["kernel", "threads", "batch", "depth", "width", "dtype", "us/token", "speed-up"]
+    assert cols[-1] == "correct"
+    rows = [line.split() for line in lines[header + 2: header + 8]]
+    assert [r[0] for r in rows] == ["pyfff", "dense_7", "numpy_ref"] * 2
+    assert [r[1:6] for r in rows] == [["1", "3", "2", "8", "float32"]] * 3 + [["1", "5", "2", "8", "float32"]] * 3
+    assert all(r[-1] == "yes" for r in rows)
+    assert all(r[7].endswith("x") for r in rows) and rows[1][7] == "1.0x"
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 6 and all(r["correct"] for r in doc["results"])
     assert {"cpu_model", "pyfff_config", "thread_env"} <= set(doc["machine"])
@@ -322,7 +324,7 @@ def test_other_load_is_measured_and_flags_busy_rows():
     r = B.run_case("pyfff", TINY, 1, **FAST)
     r.other_load = 1.5
     table = format_table([r])
-    assert table.splitlines()[2].split()[5].endswith("*")
+    assert table.splitlines()[2].split()[6].endswith("*")
     assert "other processes used up to 1.5" in table
     r.other_load = 0.0
     assert "*" not in format_table([r])
