@@ -180,13 +180,15 @@ def _busy(r):
 
 def format_table(results):
     """The results as a fixed-width text table (one row per result, in run order)."""
-    head = ["kernel", "threads", "batch", "depth", "width", "dtype", "us/token", "speed-up", "GFLOP/s", "GB/s", "correct"]
+    head = ["kernel", "threads", "batch", "depth", "width", "dtype", "us/token", "speed-up", "scaling", "GFLOP/s",
+            "GB/s", "correct"]
     rows = []
     for r in results:
         rows.append([
             r.kernel, str(r.n_threads), str(r.batch), str(r.depth), str(r.width), r.dtype,
             _fmt_time(r.us_per_token) + ("*" if _busy(r) else ""),
-            "-" if r.speedup is None else f"{r.speedup:.1f}x", f"{r.gflops:.1f}", f"{r.gbytes_per_s:.1f}",
+            "-" if r.speedup is None else f"{r.speedup:.1f}x",
+            "-" if r.speedup_vs_1t is None else f"{r.speedup_vs_1t:.2f}x", f"{r.gflops:.1f}", f"{r.gbytes_per_s:.1f}",
             "yes" if r.correct else "NO",
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -270,7 +272,8 @@ def run(args):
     elapsed = time.perf_counter() - t0
     print("pyfff bench: best timed call after 1 warm-up (time.perf_counter); speed-up = time of the dense FF "
           "with the tree's neuron count (two BLAS matmuls, activation not timed) on the same threads and batch "
-          "in this run / time of this row; correct = first rows match pyfff.reference")
+          "in this run / time of this row; scaling = the same kernel's time on 1 thread / this row's; "
+          "correct = first rows match pyfff.reference")
     print(format_table(results))
     for line in skipped:
         print(f"skipped: {line}")

@@ -463,6 +463,7 @@ class Result:
     activation_timed: bool = True
     speedup: Optional[float] = None  # over the dense FF of the tree's neuron count, same threads, same run
     speedup_bert: Optional[float] = None  # over dense_3072, when it was measured in the same run
+    speedup_vs_1t: Optional[float] = None  # over the same kernel on 1 thread, same shape, same run
     other_load: Optional[float] = None  # cores used by other processes while this case was timed
 
     @property
@@ -511,17 +512,20 @@ def run_case(name: str, shape: Shape, n_threads: int, seed: int = 0, **timing) -
 
 
 def speedups(results):
-    """Fill ``speedup`` (and ``speedup_bert``) of each result from the dense rows of the same run.
+    """Fill the speed-ups of each result from the other rows of the same run.
 
-    The baseline of a row is the matmul-only dense FF (activation not timed)
-    with the tree's neuron count, at the same batch, depth, width, dtype and
-    thread count; a row without such a baseline keeps ``None``.
+    ``speedup``: over the matmul-only dense FF (activation not timed) with the
+    tree's neuron count, at the same batch, depth, width, dtype and thread
+    count; ``speedup_bert``: the same over ``dense_3072``; ``speedup_vs_1t``:
+    over the same kernel on one thread. A row without its baseline keeps None.
     """
     def key(r):
         return (r.batch, r.depth, r.width, r.dtype, r.n_threads)
 
-    tree, bert = {}, {}
+    tree, bert, one = {}, {}, {}
     for r in results:
+        if r.n_threads == 1:
+            one[(r.kernel,) + key(r)[:-1]] = r.best_s
         if r.family == "dense" and not r.activation_timed:
             if r.n_neurons == 2 ** (r.depth + 1) - 1:
                 tree[key(r)] = r.best_s
@@ -532,6 +536,9 @@ def speedups(results):
             r.speedup = tree[key(r)] / r.best_s
         if key(r) in bert:
             r.speedup_bert = bert[key(r)] / r.best_s
+        k1 = (r.kernel,) + key(r)[:-1]
+        if r.n_threads > 1 and k1 in one:
+            r.speedup_vs_1t = one[k1] / r.best_s
     return results
 
 

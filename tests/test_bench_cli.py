@@ -181,6 +181,7 @@ def test_speedups_compare_same_threads_and_shape_only():
     B.speedups(rows)
     assert [r.speedup for r in rows] == [1.0, 1.0, 0.5, 8.0 / 6.0, 4.0, 4.0, None]
     assert rows[4].speedup_bert == 3.0 and rows[5].speedup_bert is None
+    assert [r.speedup_vs_1t for r in rows] == [None, 2.0, None, None, None, 2.0, None]
 
 
 def test_machine_info():
@@ -233,7 +234,7 @@ def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     header = next(i for i, line in enumerate(lines) if line.startswith("kernel"))
     cols = lines[header].split()
     assert cols[:8] == ["kernel", "threads", "batch", "depth", "width", "dtype", "us/token", "speed-up"]
-    assert cols[-1] == "correct"
+    assert cols[8] == "scaling" and cols[-1] == "correct"
     rows = [line.split() for line in lines[header + 2: header + 8]]
     assert [r[0] for r in rows] == ["pyfff", "dense_7", "numpy_ref"] * 2
     assert [r[1:6] for r in rows] == [["1", "3", "2", "8", "float32"]] * 3 + [["1", "5", "2", "8", "float32"]] * 3
