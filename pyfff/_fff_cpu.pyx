@@ -127,74 +127,19 @@ cdef inline void *_data(cnp.ndarray a, int typenum, Py_ssize_t n_elems, str name
     return cnp.PyArray_DATA(a)
 
 
-def fff_forward(cnp.ndarray x,          # IN  (n_samples, d_in), C-contiguous, layer dtype
-                cnp.ndarray w_in,       # IN  (n_trees * n_nodes, d_in)
-                object b_in,            # IN  (n_trees * n_nodes,) or None
-                cnp.ndarray w_out,      # IN  (n_trees * n_nodes, d_out)
-                int depth, int n_trees, int act,
-                object y,               # OUT (n_samples, d_out) or None
-                object routes,          # OUT (n_samples, n_trees, depth + 1) int64, or None
-                int n_threads, Py_ssize_t tile=DEFAULT_TILE):
-    """FFF forward pass of a batch: fills ``y`` and/or ``routes``.
-
-    Takes NumPy arrays (not typed memoryviews): acquiring five buffers and a
-    fused-type dispatch cost about a microsecond, as much as the whole batch-1
-    kernel. Shapes, dtypes and contiguity are checked (cheaply) so misuse
-    raises instead of crashing; pyfff.FFF does the user-facing validation.
-
-    The batch is cut into tiles of at most ``tile`` tokens (fewer when that
-    leaves a thread idle); tiles go to ``n_threads`` OpenMP threads with a
-    static schedule, since every token costs the same (depth x width).
-    """
-    cdef int typenum = cnp.PyArray_TYPE(x)
-    cdef Py_ssize_t n, d_in, d_out, n_rows
-    cdef void *b_ptr = NULL
-    cdef void *y_ptr = NULL
-    cdef int64_t *r_ptr = NULL
-    cdef int status
-    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-        raise TypeError("internal error: x must be float32 or float64")
-    if cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_NDIM(w_in) != 2 or cnp.PyArray_NDIM(w_out) != 2:
-        raise ValueError("internal error: x, w_in and w_out must be 2-D")
-    if depth < 0 or depth > 30 or n_trees < 1 or n_threads < 1 or tile < 1:
-        raise ValueError("internal error: bad depth, n_trees, n_threads or tile")
-    n = cnp.PyArray_DIM(x, 0)
-    d_in = cnp.PyArray_DIM(x, 1)
-    d_out = cnp.PyArray_DIM(w_out, 1)
-    n_rows = n_trees * ((<Py_ssize_t>2 << depth) - 1)
-    cdef void *x_ptr = _data(x, typenum, n * d_in, "x")
-    cdef void *wi_ptr = _data(w_in, typenum, n_rows * d_in, "w_in")
-    cdef void *wo_ptr = _data(w_out, typenum, n_rows * d_out, "w_out")
-    if b_in is not None:
-        b_ptr = _data(b_in, typenum, n_rows, "b_in")
-    if y is not None:
-        y_ptr = _data(y, typenum, n * d_out, "y")
-    if routes is not None:
-        r_ptr = <int64_t *>_data(routes, cnp.NPY_INT64, n * n_trees * (depth + 1), "routes")
-    if n == 0:
-        return
-    with nogil:
-        if typenum == cnp.NPY_FLOAT32:
-            status = _run(<const float *>x_ptr, <const float *>wi_ptr, <const float *>b_ptr,
-                          <const float *>wo_ptr, n, d_in, d_out, depth, n_trees, act, <float *>y_ptr, r_ptr,
-                          n_threads, tile)
-        else:
-            status = _run(<const double *>x_ptr, <const double *>wi_ptr, <const double *>b_ptr,
-                          <const double *>wo_ptr, n, d_in, d_out, depth, n_trees, act, <double *>y_ptr, r_ptr,
-                          n_threads, tile)
-    if status != 0:
-        raise MemoryError("could not allocate the FFF kernel's per-thread scratch memory")
-
-
 cdef class BoundLayer:
     """The weights of one FFF layer, checked once, with a lean call path.
 
     pyfff.FFF validates and owns the arrays; this object keeps references and
     raw pointers so that a call costs a few C-level checks instead of the
     Python-level validation (about 1 us, as much as a batch-1 kernel run).
+    It takes NumPy arrays, not typed memoryviews: acquiring five buffers and a
+    fused-type dispatch also cost about a microsecond.
+
     ``forward(x, n_threads)`` takes the fast path when ``x`` is already a
-    C-contiguous (n, d_in) array of the layer dtype, and otherwise returns
-    NotImplemented so the caller can prepare ``x`` and call again.
+    C-contiguous, aligned, native-endian (n, d_in) array of the layer dtype,
+    and otherwise returns NotImplemented so the caller can prepare ``x`` and
+    call again. ``fill(x, y, routes, n_threads, tile)`` is the general entry.
     """
     cdef readonly object w_in, b_in, w_out
     cdef const void *wi_ptr
@@ -205,12 +150,14 @@ cdef class BoundLayer:
     cdef object _n_threads_fn
 
     def __cinit__(self, cnp.ndarray w_in, object b_in, cnp.ndarray w_out, int depth, int n_trees, int act,
-                  object n_threads_fn):
+                  object n_threads_fn=None):
         self.typenum = cnp.PyArray_TYPE(w_in)
         if self.typenum != cnp.NPY_FLOAT32 and self.typenum != cnp.NPY_FLOAT64:
             raise TypeError("internal error: weights must be float32 or float64")
         if cnp.PyArray_NDIM(w_in) != 2 or cnp.PyArray_NDIM(w_out) != 2 or depth < 0 or depth > 30 or n_trees < 1:
             raise ValueError("internal error: bad weight shapes, depth or n_trees")
+        if act < 0 or act > 2:
+            raise ValueError("internal error: unknown activation code")
         self.d_in = cnp.PyArray_DIM(w_in, 1)
         self.d_out = cnp.PyArray_DIM(w_out, 1)
         cdef Py_ssize_t n_rows = n_trees * ((<Py_ssize_t>2 << depth) - 1)
@@ -223,13 +170,30 @@ cdef class BoundLayer:
         self.depth, self.n_trees, self.act = depth, n_trees, act
         self._n_threads_fn = n_threads_fn
 
+    cdef int _call(self, const void *x, Py_ssize_t n, void *y, int64_t *routes, int n_threads,
+                   Py_ssize_t tile) except -1:
+        """Run the kernel on n prepared rows (GIL released); MemoryError on scratch failure."""
+        cdef int status
+        with nogil:
+            if self.typenum == cnp.NPY_FLOAT32:
+                status = _run(<const float *>x, <const float *>self.wi_ptr, <const float *>self.bi_ptr,
+                              <const float *>self.wo_ptr, n, self.d_in, self.d_out, self.depth, self.n_trees,
+                              self.act, <float *>y, routes, n_threads, tile)
+            else:
+                status = _run(<const double *>x, <const double *>self.wi_ptr, <const double *>self.bi_ptr,
+                              <const double *>self.wo_ptr, n, self.d_in, self.d_out, self.depth, self.n_trees,
+                              self.act, <double *>y, routes, n_threads, tile)
+        if status != 0:
+            raise MemoryError("could not allocate the FFF kernel's per-thread scratch memory")
+        return 0
+
     def forward(self, object x, object n_threads):
         """y = layer(x) for x of shape (n, d_in), or NotImplemented if x needs preparing."""
         cdef cnp.ndarray xa
         cdef cnp.ndarray y
         cdef cnp.npy_intp dims[2]
         cdef Py_ssize_t n
-        cdef int nt = 1, status
+        cdef int nt = 1
         if type(x) is not cnp.ndarray:
             return NotImplemented
         xa = <cnp.ndarray>x
@@ -238,8 +202,8 @@ cdef class BoundLayer:
                 or not cnp.PyArray_ISNOTSWAPPED(xa) or not cnp.PyArray_ISALIGNED(xa)):
             return NotImplemented
         n = cnp.PyArray_DIM(xa, 0)
-        # The thread count only matters past one tile per thread; still
-        # validate an explicit value (n_threads=0 is an error) every time.
+        # The thread count only matters past one tile per thread; an explicit
+        # value is still validated every time (n_threads=0 is an error).
         if type(n_threads) is int and 0 < n_threads <= 65536:
             nt = n_threads
         elif n_threads is not None or n > 1:
@@ -247,19 +211,37 @@ cdef class BoundLayer:
         dims[0] = n
         dims[1] = self.d_out
         y = cnp.PyArray_EMPTY(2, dims, self.typenum, 0)
-        if n == 0:
-            return y
-        with nogil:
-            if self.typenum == cnp.NPY_FLOAT32:
-                status = _run(<const float *>cnp.PyArray_DATA(xa), <const float *>self.wi_ptr,
-                              <const float *>self.bi_ptr, <const float *>self.wo_ptr, n, self.d_in, self.d_out,
-                              self.depth, self.n_trees, self.act, <float *>cnp.PyArray_DATA(y), NULL, nt,
-                              _DEFAULT_TILE)
-            else:
-                status = _run(<const double *>cnp.PyArray_DATA(xa), <const double *>self.wi_ptr,
-                              <const double *>self.bi_ptr, <const double *>self.wo_ptr, n, self.d_in,
-                              self.d_out, self.depth, self.n_trees, self.act, <double *>cnp.PyArray_DATA(y),
-                              NULL, nt, _DEFAULT_TILE)
-        if status != 0:
-            raise MemoryError("could not allocate the FFF kernel's per-thread scratch memory")
+        if n > 0:
+            self._call(cnp.PyArray_DATA(xa), n, cnp.PyArray_DATA(y), NULL, nt, _DEFAULT_TILE)
         return y
+
+    def fill(self, cnp.ndarray x,   # IN  (n_samples, d_in), C-contiguous, layer dtype
+             object y,              # OUT (n_samples, d_out) or None
+             object routes,         # OUT (n_samples, n_trees, depth + 1) int64, or None
+             int n_threads, Py_ssize_t tile=DEFAULT_TILE):
+        """Fill ``y`` and/or ``routes`` for a prepared batch ``x``.
+
+        The batch is cut into tiles of at most ``tile`` tokens (fewer when
+        that leaves a thread idle); tiles go to ``n_threads`` OpenMP threads
+        with a static schedule, since every token costs the same.
+        """
+        if n_threads < 1 or tile < 1:
+            raise ValueError("internal error: n_threads and tile must be >= 1")
+        if cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_DIM(x, 1) != self.d_in:
+            raise ValueError(f"internal error: x must have shape (n, {self.d_in})")
+        cdef Py_ssize_t n = cnp.PyArray_DIM(x, 0)
+        cdef const void *x_ptr = _data(x, self.typenum, n * self.d_in, "x")
+        cdef void *y_ptr = NULL
+        cdef int64_t *r_ptr = NULL
+        if y is not None:
+            y_ptr = _data(y, self.typenum, n * self.d_out, "y")
+        if routes is not None:
+            r_ptr = <int64_t *>_data(routes, cnp.NPY_INT64, n * self.n_trees * (self.depth + 1), "routes")
+        if n > 0:
+            self._call(x_ptr, n, y_ptr, r_ptr, n_threads, tile)
+
+
+def fff_forward(cnp.ndarray x, cnp.ndarray w_in, object b_in, cnp.ndarray w_out, int depth, int n_trees,
+                int act, object y, object routes, int n_threads, Py_ssize_t tile=DEFAULT_TILE):
+    """One-shot ``BoundLayer(w_in, b_in, w_out, depth, n_trees, act).fill(x, y, routes, n_threads, tile)``."""
+    BoundLayer(w_in, b_in, w_out, depth, n_trees, act).fill(x, y, routes, n_threads, tile)

@@ -208,8 +208,7 @@ class FFF:
         x2, lead = self._prepare(x)
         n_threads = _openmp_effective_n_threads(n_threads)
         r = np.empty((x2.shape[0], self.n_trees, self.depth + 1), dtype=np.int64)
-        _fff_cpu.fff_forward(x2, self.w_in, self.b_in, self.w_out, self.depth, self.n_trees, self._act_code,
-                             None, r, n_threads)
+        self._bound.fill(x2, None, r, n_threads)
         return r.reshape(lead + (self.n_trees, self.depth + 1))
 
     # ------------------------------------------------------------------ misc
