@@ -284,3 +284,24 @@ def test_concurrent_calls_from_python_threads(global_random_seed):
     for i, (y_chunk, y_all) in enumerate(results):
         np.testing.assert_array_equal(y_chunk, expected[i % 4::4], strict=True)
         np.testing.assert_array_equal(y_all, expected, strict=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinite_and_huge_inputs(global_random_seed, dtype):
+    """inf in x routes and poisons its row as in the reference; huge finite inputs stay finite.
+
+    (Values that overflow inside a dot product are left out: whether a partial
+    sum overflows depends on the summation order.)
+    """
+    layer, x = random_layer_and_x(global_random_seed, 8, 5, 3, 3, n_trees=2, dtype=dtype)
+    big = np.finfo(dtype).max / 1024  # no partial sum (5 terms, then 8 path terms) can overflow
+    x[1, 2], x[2, 0], x[3, :2], x[4], x[5] = np.inf, -np.inf, [np.inf, -np.inf], 1e30, big
+    with np.errstate(all="ignore"):
+        ref_nodes, _ = reference.fff_routes(x, layer.w_in, layer.b_in, n_trees=2)
+        y_ref = reference.fff_forward(x, layer.w_in, layer.b_in, layer.w_out, n_trees=2)
+    for n_threads in (1, 2):
+        np.testing.assert_array_equal(layer.routes(x, n_threads=n_threads), ref_nodes)
+        y = layer(x, n_threads=n_threads)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+        np.testing.assert_array_equal(np.isinf(y), np.isinf(y_ref))
+    assert not np.isfinite(y[1:4]).any() and np.isfinite(y[[0, 4, 5, 6, 7]]).all()
