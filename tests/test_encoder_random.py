@@ -15,6 +15,8 @@ requires most sequences to be compared. Contract: passes for any
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -188,3 +190,43 @@ def test_bert_fill_mask_uses_bracket_mask(tmp_path):
     preds = model.fill_mask("the [MASK] sat on the mat", top_k=3)
     assert len(preds) == 1 and len(preds[0]) == 3
     assert sum(p for _, p in preds[0]) <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64", "bfloat16"])
+def test_other_float_dtypes_are_converted(dtype, tmp_path):
+    """Half, bfloat16 and double checkpoints load (converted to float32 once) and compute the same model."""
+    config = eh.crammed_config()
+    tensors32 = eh.crammed_tensors(config, seed=8)
+    if dtype == "bfloat16":
+        # bfloat16 = the top 16 bits of float32; written as raw uint16 with the BF16 dtype code
+        rounded = {k: np.asarray(v.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+                   for k, v in tensors32.items()}
+        folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, rounded)
+        _rewrite_dtype_code(folder / "model.safetensors", rounded)
+        want_tensors = rounded
+    else:
+        stored = {k: v.astype(dtype) for k, v in tensors32.items()}
+        folder, _, _ = eh.write_crammed(tmp_path / "ckpt", config, stored)
+        want_tensors = {k: v.astype(np.float32) for k, v in stored.items()}
+    ids, mask = eh.random_batch(np.random.default_rng(8), 4, 16, 232)
+    want, margin = ref.crammed_mlm_logits(want_tensors, config, ids, mask)
+    assert_close_by_margin(pyfff.load(folder).mlm_logits(ids, mask), want, margin)
+
+
+def _rewrite_dtype_code(path, tensors):
+    """Rewrite a float32 safetensors file as BF16 (keeping the upper halves of the words)."""
+    from pyfff.encoder._safetensors import read_safetensors
+
+    arrays, _ = read_safetensors(path)
+    header, offset, chunks = {}, 0, []
+    for name in tensors:
+        a = np.array(arrays[name], order="C")  # (ascontiguousarray would turn 0-d into 1-d)
+        hi = (a.view(np.uint32) >> 16).astype("<u2")
+        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [offset, offset + hi.nbytes]}
+        offset += hi.nbytes
+        chunks.append(hi.tobytes())
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = len(raw).to_bytes(8, "little") + raw + b"".join(chunks)
+    del arrays
+    path.write_bytes(data)
