@@ -14,6 +14,7 @@ import sys
 import time
 
 from . import benchmark as B
+from .fff import MAX_DEPTH
 
 DEFAULT_BATCHES = (1, 2048, 16384)
 DEFAULT_KERNELS = ("pyfff", "dense", "dense_gelu")
@@ -110,11 +111,15 @@ def plan(args):
     threads = _flatten(args.threads, sorted({1, n_all}))
     dtypes = _flatten(args.dtype, ["float32"])
     kernels = _flatten(args.kernels, DEFAULT_KERNELS)
-    for name, values, low in (("batch", batches, 1), ("depth", depths, 0), ("width", widths, 1),
-                              ("threads", threads, 1)):
-        bad = [v for v in values if v < low]
+    checks = [("batch", batches, 1, None), ("depth", depths, 0, MAX_DEPTH), ("width", widths, 1, None),
+              ("threads", threads, 1, None), ("repeat", [args.repeat], 1, None)]
+    if args.star:
+        checks += [("star-depth", [args.star_depth], 0, MAX_DEPTH), ("star-batch", [args.star_batch], 1, None)]
+    for name, values, low, high in checks:
+        bad = [v for v in values if v < low or (high is not None and v > high)]
         if bad:
-            raise ValueError(f"--{name} values must be >= {low}, got {bad}")
+            limits = f">= {low}" if high is None else f"in {low}..{high}"
+            raise ValueError(f"--{name} values must be {limits}, got {bad}")
     for dt in dtypes:
         if dt not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {dt!r}")

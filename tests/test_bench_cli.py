@@ -257,6 +257,9 @@ def test_cli_bench_exit_status_1_when_an_output_is_wrong(monkeypatch, capsys):
     (["--kernels", "bogus"], "unknown kernel"),
     (["--dtype", "float16"], "float32 or float64"),
     (["--threads", "0"], ">= 1"),
+    (["--depth", "25"], "in 0..24"),
+    (["--repeat", "0"], "--repeat values must be >= 1"),
+    (["--star", "--star-batch", "0"], "--star-batch"),
 ])
 def test_cli_bench_bad_options(argv, message, capsys):
     assert main(CLI_TINY + argv) == 2
