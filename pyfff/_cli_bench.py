@@ -204,8 +204,8 @@ def format_table(results):
     table = [line(head), line(["-" * w for w in widths])] + [line(row) for row in rows]
     busy = [r.other_load for r in results if _busy(r)]
     if busy:
-        table.append(f"* other processes used up to {max(busy):.1f} of {os.cpu_count()} cores while this row was "
-                     "timed: its time (and speed-ups from it) may be disturbed; rerun on an idle machine")
+        table.append(f"* other processes used up to {max(busy):.1f} of {os.cpu_count()} cores while the rows marked * "
+                     "were timed: their times (and speed-ups from them) may be disturbed; rerun on an idle machine")
     return "\n".join(table)
 
 
@@ -218,7 +218,11 @@ def _plot_label(r, attr):
 
 def write_plot(results, path):
     """Time per token against depth (at the batch with most depths) and against batch (at the depth with most
-    batches), one line per kernel and thread count. Needs matplotlib."""
+    batches), one line per kernel and thread count, for the run's first width and dtype. Needs matplotlib."""
+    if not results:
+        raise ValueError("no results to plot")
+    width, dtype = results[0].width, results[0].dtype
+    results = [r for r in results if (r.width, r.dtype) == (width, dtype)]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,9 +251,7 @@ def write_plot(results, path):
             ax.set_xscale("log", base=2)
         ax.set_xlabel(attr)
         ax.set_ylabel("time per token (us)")
-        width = results[0].width if results else B.DEFAULT_WIDTH
-        dtypes = ", ".join(sorted({r.dtype for r in results}))
-        ax.set_title(f"time per token: width {width}, {dtypes}, {other} {fixed}")
+        ax.set_title(f"time per token: width {width}, {dtype}, {other} {fixed}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -287,12 +289,17 @@ def run(args):
         print(f"WRONG: {r.kernel} threads={r.n_threads} batch={r.batch} depth={r.depth}: {r.check['detail']}")
     print(f"total {elapsed:.1f} s")
     if args.json:
-        doc = {"machine": B.machine_info(), "command": sys.argv, "elapsed_s": elapsed,
+        options = {k: v for k, v in vars(args).items() if k != "func"}
+        doc = {"machine": B.machine_info(), "options": options, "elapsed_s": elapsed,
                "results": [r.as_dict() for r in results], "skipped": skipped}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         _progress(args, f"wrote {args.json}")
     if args.plot:
-        write_plot(results, args.plot)
-        _progress(args, f"wrote {args.plot}")
+        if results:
+            write_plot(results, args.plot)
+            _progress(args, f"wrote {args.plot}")
+        else:
+            print("pyfff bench: nothing was timed, no plot written", file=sys.stderr)
+            return 2
     return 1 if wrong else 0

@@ -243,6 +243,7 @@ def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 6 and all(r["correct"] for r in doc["results"])
     assert {"cpu_model", "pyfff_config", "thread_env"} <= set(doc["machine"])
+    assert doc["options"]["width"] == [[[8]]] and doc["options"]["repeat"] == 2
     assert all(r["speedup"] is not None for r in doc["results"])
 
 
@@ -343,3 +344,23 @@ def test_default_plan_runs_dense_gelu_only_up_to_batch_2048():
     assert 16384 in {s.batch for s, _, k in cases if k == "dense"}
     cases = plan(build_parser().parse_args(["bench", "--kernels", "dense_gelu"]))
     assert 16384 in {s.batch for s, _, k in cases}
+
+
+def test_cli_plot_with_nothing_timed(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    argv = ["bench", "--batch", str(B.NUMPY_REF_MAX_BATCH + 1), "--depth", "0", "--width", "2", "--threads", "1",
+            "--kernels", "numpy_ref", "-q", "--plot", str(tmp_path / "p.png")]
+    assert main(argv) == 2
+    assert "no plot written" in capsys.readouterr().err
+
+
+def test_write_plot_with_mixed_widths_and_dtypes_and_without_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pyfff._cli_bench import write_plot
+
+    rs = [B.run_case("pyfff", B.Shape(batch=b, depth=1, width=w, dtype=dt), 1, **FAST)
+          for w, dt in ((8, "float32"), (4, "float64")) for b in (2, 3)]
+    write_plot(rs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(ValueError):
+        write_plot([], tmp_path / "q.png")
