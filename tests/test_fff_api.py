@@ -121,11 +121,9 @@ def test_byte_swapped_weights_keep_their_precision(weights):
 def test_byte_swapped_input(global_random_seed, dtype):
     """A C-contiguous (n, d_in) input in foreign byte order must be converted, not read as native.
 
-    Fails at 01b2242: ``BoundLayer.forward`` in pyfff/_fff_cpu.pyx takes its fast
-    path when ``PyArray_TYPE(xa) == self.typenum``, and the type number does
-    not encode the byte order, so '>f4' data is read as '<f4' (outputs of
-    1e+304). Fix: also require ``cnp.PyArray_ISNOTSWAPPED(xa)`` (or
-    ``PyArray_ISBEHAVED_RO``, which adds alignment) for the fast path.
+    Regression (fixed in 65f6abc): the fast path of ``BoundLayer.forward``
+    checked only ``PyArray_TYPE``, which does not encode the byte order, so
+    '>f4' data was read as '<f4' (outputs of 1e+304).
     """
     layer, x = random_layer_and_x(global_random_seed, 9, 13, 4, 3, dtype=dtype)
     swapped = x.astype(x.dtype.newbyteorder())

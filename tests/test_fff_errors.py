@@ -192,11 +192,9 @@ def test_n_threads_of_a_wrong_type(layer, n_threads):
 def test_huge_n_threads_is_capped_not_an_error(layer, n_threads, shape):
     """Any positive count is valid; the kernel never starts more threads than tiles.
 
-    Fails at 01b2242 in layer(x) for the Python ints 2**31 and 2**40:
-    ``BoundLayer.forward`` (pyfff/_fff_cpu.pyx) assigns a positive Python int
-    straight to a C int (OverflowError), while np.int64(2**40), and routes(),
-    go through ``_openmp_effective_n_threads``, which caps it at 1 << 16.
-    Fix: take that shortcut only for ``0 < n_threads <= 1 << 16``.
+    Regression (fixed in 65f6abc): ``BoundLayer.forward`` assigned a positive
+    Python int straight to a C int, so 2**31 raised OverflowError while
+    np.int64(2**40) was capped by ``_openmp_effective_n_threads``.
     """
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(layer(x, n_threads=n_threads), layer(x, n_threads=1), strict=True)
