@@ -44,16 +44,21 @@ DEPTH = 11
 DENSE_NEURONS = 2 ** (DEPTH + 1) - 1
 BATCHES = (1, 2048, 16384)
 
-# name -> (splits, sort_output) of pyfff.gpu.FFF._run; None: the layer's default for the batch
+# name -> keyword arguments of pyfff.gpu.FFF._run (splits, sort_output, prefetch); None: the public call
+# layer(x) with the layer's defaults for the batch. prefetch bits: 1 next token's x into L2, 2 children rows
+# into L1.
 FFF_SCHEDULES = {
     "pyfff_gpu": None,
-    "pyfff_gpu[direct]": ((), False),
-    "pyfff_gpu[leafsort]": ((), True),
-    "pyfff_gpu[split4]": ((4,), True),
-    "pyfff_gpu[split6]": ((6,), True),
-    "pyfff_gpu[split8]": ((8,), True),
-    "pyfff_gpu[split4,8]": ((4, 8), True),
-    "pyfff_gpu[split6,nosortout]": ((6,), False),
+    "pyfff_gpu[direct,pf0]": {"splits": (), "sort_output": False, "prefetch": 0},
+    "pyfff_gpu[direct,pf3]": {"splits": (), "sort_output": False, "prefetch": 3},
+    "pyfff_gpu[leafsort,pf3]": {"splits": (), "sort_output": True, "prefetch": 3},
+    "pyfff_gpu[split6,pf0]": {"splits": (6,), "sort_output": True, "prefetch": 0},
+    "pyfff_gpu[split6,pf1]": {"splits": (6,), "sort_output": True, "prefetch": 1},
+    "pyfff_gpu[split6,pf2]": {"splits": (6,), "sort_output": True, "prefetch": 2},
+    "pyfff_gpu[split6,pf3]": {"splits": (6,), "sort_output": True, "prefetch": 3},
+    "pyfff_gpu[split4,pf3]": {"splits": (4,), "sort_output": True, "prefetch": 3},
+    "pyfff_gpu[split8,pf3]": {"splits": (8,), "sort_output": True, "prefetch": 3},
+    "pyfff_gpu[split6,nosortout,pf3]": {"splits": (6,), "sort_output": False, "prefetch": 3},
 }
 
 NOMINAL_HBM = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12}
@@ -186,18 +191,23 @@ def bench(batches=BATCHES, *, schedules=FFF_SCHEDULES, with_baselines=True, targ
         bytes_min = (x_host.nbytes + batch * WIDTH * 4
                      + ref.n_rows_visited * (cpu.w_in.itemsize * (WIDTH + 1 + WIDTH)))
         impls = {}
-        for name, sched in schedules.items():
-            kwargs = {} if sched is None else {"splits": sched[0], "sort_output": sched[1]}
-            impls[name] = (lambda kw=kwargs: layer._run(x, want_output=True, **kw), True)
+        for name, kwargs in schedules.items():
+            if kwargs is None:  # the public call; checked through _run with the same (default) schedule
+                impls[name] = (lambda: layer(x), lambda: layer._run(x, want_output=True))
+            else:
+                run = (lambda kw=kwargs: layer._run(x, want_output=True, **kw))
+                impls[name] = (run, run)
         if with_baselines:
             impls["warp_per_token (bench/dev)"] = (lambda: warp_baseline(layer, x), False)
             impls[f"cublas_dense_{DENSE_NEURONS}"] = (lambda: dense(x), None)
         results = {}
         for name, (fn, kind) in impls.items():
             out = fn()
-            if kind is True:
-                y, (nodes, _) = out
+            if callable(kind):  # an FFF schedule: kind() gives (y, (nodes, logits)) for the route-aware check
+                y, (nodes, _) = kind()
                 check = ref.check(cupy.asnumpy(y), cupy.asnumpy(nodes))
+                if name == "pyfff_gpu":
+                    check["correct"] &= bool(cupy.array_equal(out, y))
             elif kind is False:
                 check = ref.check(cupy.asnumpy(out))
             else:  # dense: a different function; check it on a few rows against NumPy
@@ -212,7 +222,7 @@ def bench(batches=BATCHES, *, schedules=FFF_SCHEDULES, with_baselines=True, targ
             results[name] = best
             row = {"batch": batch, "impl": name, "best_us": best * 1e6, "median_us": med * 1e6,
                    "host_us_per_call": host * 1e6, "iters": iters, **check}
-            if kind is not None:
+            if kind is not None:  # FFF kernels: least bytes moved, and the bandwidth that makes
                 row["bytes_moved"] = bytes_min
                 row["gb_per_s"] = bytes_min / best / 1e9
                 row["frac_of_copy_bw"] = bytes_min / best / copy_bw

@@ -3,8 +3,8 @@
 A development aid, not a test of the kernels: it replaces ``cupy`` with a tiny
 module whose arrays are NumPy arrays and whose three kernels
 (``fff_route``, ``fff_bucket_scatter``, ``fff_output``) are NumPy
-re-implementations that unpack their arguments in the order of the
-``kernels/fff.cu`` signatures. That checks the orchestration in
+re-implementations that unpack the prepared (ctypes) arguments of each launch
+in the order of the ``kernels/fff.cu`` signatures. That checks the orchestration in
 ``pyfff/gpu/_fff.py`` (schedules, key levels, argument lists, dtype and shape
 handling) and the test bodies before device time is spent on them.
 
@@ -12,21 +12,40 @@ Run: python bench/dev/gpu_emulate.py [pytest args, default: tests/test_gpu.py -q
 """
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import sys
 import types
+import weakref
 
 import numpy as np
 
 
+_LIVE = []  # weak references to the emulated arrays (pointers are resolved against their memory)
+
+
 class ndarray(np.ndarray):  # noqa: N801  (mirrors cupy.ndarray)
+    def __array_finalize__(self, obj):
+        if self.size and self.flags.c_contiguous:
+            if len(_LIVE) > 4096:
+                _LIVE[:] = [r for r in _LIVE if r() is not None]
+            _LIVE.append(weakref.ref(self))
+
+    def fill(self, value):
+        np.ndarray.fill(self, value)
+
     @property
     def device(self):
         return types.SimpleNamespace(id=0)
 
     @property
     def data(self):
-        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+        arr = self
+
+        def memset_async(value, n_bytes):
+            assert value == 0 and n_bytes == arr.nbytes
+            np.ndarray.fill(arr, 0)
+
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0], memset_async=memset_async)
 
 
 def _wrap(a):
@@ -39,12 +58,16 @@ def _arr(a):
 
 def _route(grid, block, args):
     (x, n, d_in, w_in, b_in, has_bias, n_trees, depth, tree, lo, hi, order, use_order, nodes, logits,
-     key_level, keys, counts) = args
+     key_level, keys, counts, prefetch) = args
+    assert prefetch in (0, 1, 2, 3)
     x, w_in, b_in, order, nodes, logits, keys, counts = map(_arr, (x, w_in, b_in, order, nodes, logits, keys, counts))
     n_nodes = 2 ** (depth + 1) - 1
-    nodes3 = nodes.reshape(int(n), n_trees, depth + 1)
-    logits3 = logits.reshape(int(n), n_trees, depth + 1)
-    for p in range(int(n)):
+    n, size = int(n), int(n) * n_trees * (depth + 1)
+    x = x[: n * d_in].reshape(n, d_in)
+    w_in = w_in[: n_trees * n_nodes * d_in].reshape(-1, d_in)
+    nodes3 = nodes[:size].reshape(n, n_trees, depth + 1)
+    logits3 = logits[:size].reshape(n, n_trees, depth + 1)
+    for p in range(n):
         tok = int(order[p]) if use_order else p
         if lo > 0:
             node = 2 * int(nodes3[tok, tree, lo - 1]) + 1 + int(logits3[tok, tree, lo - 1] > 0)
@@ -85,8 +108,11 @@ def _output(grid, block, args):
     nodes, logits, w_out, y = map(_arr, (nodes, logits, w_out, y))
     n_nodes = 2 ** (depth + 1) - 1
     names = {0: "gelu", 1: "gelu_tanh", 2: "relu"}
-    nodes3 = nodes.reshape(int(n), n_trees, depth + 1)
-    a = apply_activation(logits.reshape(int(n), n_trees, depth + 1), names[int(act)])
+    n, size = int(n), int(n) * n_trees * (depth + 1)
+    nodes3 = nodes[:size].reshape(n, n_trees, depth + 1)
+    a = apply_activation(logits[:size].reshape(n, n_trees, depth + 1), names[int(act)])
+    w_out = w_out[: n_trees * n_nodes * d_out].reshape(-1, d_out)
+    y = y[: n * d_out].reshape(n, d_out)
     positions = np.asarray(order)[: int(n)] if use_order else np.arange(int(n))
     for tok in positions:
         acc = np.zeros(d_out, dtype=y.dtype)
@@ -99,15 +125,29 @@ def _output(grid, block, args):
 class _Kernel:
     def __init__(self, name):
         self.name = name
-        self.attributes = {"num_regs": 80}
+        self.kernel = types.SimpleNamespace(ptr=id(self))
         base = name.split("<")[0]
         self._fn = {"fff_route": _route, "fff_bucket_scatter": _scatter, "fff_output": _output}[base]
 
-    def __call__(self, grid, block, args):
-        assert len(grid) == 1 and grid[0] >= 1 and block == (256,)
-        for a in args:
-            assert isinstance(a, (np.ndarray, np.integer)), f"kernel argument of type {type(a).__name__}"
-        self._fn(grid, block, args)
+
+def _decode(carg):
+    """A ctypes kernel argument as the emulated kernels take it: pointers become the arrays there."""
+    if isinstance(carg, ctypes.c_void_p):
+        for ref in reversed(_LIVE):
+            arr = ref()
+            if arr is None:
+                continue
+            start = arr.__array_interface__["data"][0]
+            if start <= carg.value < start + arr.nbytes and (carg.value - start) % arr.itemsize == 0:
+                return arr.reshape(-1)[(carg.value - start) // arr.itemsize:]  # flat, from the pointer on
+        raise AssertionError(f"kernel argument {carg.value:#x} points at no live array")
+    assert isinstance(carg, (ctypes.c_int32, ctypes.c_int64)), type(carg)
+    return carg.value
+
+
+def emulated_launch(launch, stream_ptr):
+    assert launch.grid >= 1 and launch.block in (256, 768)
+    launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 
 class _Module:
@@ -134,10 +174,6 @@ def fake_cupy():
     cp.memoize = lambda for_each_device=False: (lambda f: f)
     cp.RawModule = _Module
 
-    @contextlib.contextmanager
-    def _device_ctx():
-        yield
-
     class Device:
         id = 0
 
@@ -155,7 +191,9 @@ def fake_cupy():
 
     attrs = {16: 132, 39: 2048, 82: 65536}
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceGetAttribute=lambda a, d: attrs[a])
-    cp.cuda = types.SimpleNamespace(Device=Device, runtime=runtime)
+    driver = types.SimpleNamespace(funcSetAttribute=lambda f, attr, value: None)
+    cp.cuda = types.SimpleNamespace(Device=Device, runtime=runtime, driver=driver,
+                                    get_current_stream=lambda: types.SimpleNamespace(ptr=0))
     return cp
 
 
@@ -163,6 +201,9 @@ def main(argv=None):
     import pytest
 
     sys.modules["cupy"] = fake_cupy()
+    import pyfff.gpu._fff
+
+    pyfff.gpu._fff._launch = emulated_launch
     return pytest.main(argv or ["tests/test_gpu.py", "-q", "-x", "-p", "no:cacheprovider"])
 
 

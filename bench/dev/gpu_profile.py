@@ -4,7 +4,7 @@ Run: ncu --clock-control none -k regex:fff --metrics gpu__time_duration.sum,dram
 dram__bytes_write.sum,lts__t_sector_hit_rate.pct,l1tex__t_sector_hit_rate.pct python bench/dev/gpu_profile.py
 
 Width 768, depth 11, float32, batch 16384 (override with the first argument). Each schedule runs
-once unprofiled first (NVRTC compilation, memory pool), then once more; ncu's per-kernel rows show
+twice (the first run also compiles; filter with ncu's --launch-skip if needed); ncu's per-kernel rows show
 where the time of a pass goes: the two fff_route stages, the two fff_bucket_scatter sorts and
 fff_output, next to the warp-per-token baseline of bench/dev/gpu_warp_baseline.cu.
 """
@@ -19,7 +19,12 @@ import numpy as np
 import pyfff
 import pyfff.gpu
 
-SCHEDULES = {"split6": ((6,), True), "direct": ((), False), "leafsort": ((), True)}
+SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
+    "split6,pf3": {"splits": (6,), "sort_output": True, "prefetch": 3},
+    "split6,pf0": {"splits": (6,), "sort_output": True, "prefetch": 0},
+    "direct,pf0": {"splits": (), "sort_output": False, "prefetch": 0},
+    "leafsort,pf3": {"splits": (), "sort_output": True, "prefetch": 3},
+}
 
 
 def main(batch=16384):
@@ -28,9 +33,9 @@ def main(batch=16384):
 
     layer = pyfff.gpu.FFF.from_cpu(pyfff.FFF.random(768, 768, 11, seed=0))
     x = cp.asarray(np.random.default_rng(0).standard_normal((batch, 768), dtype=np.float32))
-    for name, (splits, sort_output) in SCHEDULES.items():
+    for name, kwargs in SCHEDULES.items():
         for _ in range(2):
-            layer._run(x, want_output=True, splits=splits, sort_output=sort_output)
+            layer._run(x, want_output=True, **kwargs)
         cp.cuda.Device().synchronize()
         print(f"ran {name}", flush=True)
     for _ in range(2):

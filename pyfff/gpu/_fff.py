@@ -22,6 +22,9 @@ sharing to pay for them.
 """
 from __future__ import annotations
 
+import ctypes
+from collections import OrderedDict
+
 import numpy as np
 
 from ..fff import FFF as _CpuFFF
@@ -31,15 +34,21 @@ __all__ = ["FFF"]
 _ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # PYFFF_ACT_* in kernels/fff.cu
 _KERNEL_FILE = "fff.cu"
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-_THREADS = 256  # 8 warps per block for fff_route / fff_output (their __launch_bounds__)
+_BLOCK = 768  # PYFFF_BLOCK: fff_route / fff_output run one block of 24 warps per SM
 _SCATTER_THREADS = 256  # PYFFF_SCATTER_THREADS
-_SCATTER_TOKENS = 256 * 8  # PYFFF_SCATTER_THREADS * PYFFF_SCATTER_ITEMS
+_SCATTER_TOKENS = 256 * 2  # PYFFF_SCATTER_THREADS * PYFFF_SCATTER_ITEMS
 _MAX_KEY_LEVEL = 12  # PYFFF_MAX_BUCKETS = 2**12
 _INT32_MAX = 2**31 - 1
+_PREFETCH_NEXT_X, _PREFETCH_CHILDREN = 1, 2  # PYFFF_PREFETCH_* bits of fff_route
 
 # Schedule defaults (see bench/bench_gpu.py and docs/gpu.md for the measurements behind them).
 _SORT_MIN_BATCH = 1024  # below this many tokens: no sorting at all
 _SPLIT_MIN_DEPTH = 4  # trees at least this deep are re-sorted once, at the middle level
+_PREFETCH = _PREFETCH_NEXT_X | _PREFETCH_CHILDREN
+_MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
+
+_ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
+_FUNC_ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 
 
 def _cupy():
@@ -58,29 +67,122 @@ def _host(a):
     return cp.asnumpy(a) if isinstance(a, cp.ndarray) else a
 
 
-def _device_attribute(attr, device_id):
-    return _cupy().cuda.runtime.deviceGetAttribute(attr, device_id)
+def _kernel(name):
+    """A compiled kernel of kernels/fff.cu on the current device (memoized by the loader)."""
+    from . import _loader  # imports CuPy
+
+    kernel = _loader.get_kernel(_KERNEL_FILE, name)
+    if name.startswith(("fff_route", "fff_output")):
+        # no shared memory: ask for the largest L1 (carveout 0 %), where a subtree's rows are cached
+        _cupy().cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_CARVEOUT, 0)
+    return kernel
 
 
-# cudaDeviceAttr values (stable across CUDA versions)
-_ATTR_SM_COUNT = 16
-_ATTR_MAX_THREADS_PER_SM = 39
-_ATTR_MAX_REGS_PER_SM = 82
+class _Launch:
+    """One prepared kernel launch: argument values packed once, as cuLaunchKernel takes them.
 
-_resident_cache = {}
+    Arguments are ctypes objects; the x and y pointers are ctypes objects shared with the plan, which
+    sets them before each call. Launching through the driver directly costs a few microseconds of host
+    time instead of CuPy's per-argument conversion.
+    """
+
+    __slots__ = ("kernel", "fptr", "grid", "block", "cargs", "params")
+
+    def __init__(self, kernel, grid, block, cargs):
+        self.kernel = kernel
+        self.fptr = kernel.kernel.ptr
+        self.grid = int(grid)
+        self.block = int(block)
+        self.cargs = cargs
+        self.params = (ctypes.c_void_p * len(cargs))(*[ctypes.addressof(a) for a in cargs])
 
 
-def _resident_blocks(kernel, device_id):
-    """How many 256-thread blocks of ``kernel`` fit on the whole device at once (registers and threads)."""
-    key = (kernel.name if hasattr(kernel, "name") else id(kernel), device_id)
-    if key not in _resident_cache:
-        regs = max(1, int(kernel.attributes["num_regs"]))
-        regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
-        by_regs = _device_attribute(_ATTR_MAX_REGS_PER_SM, device_id) // (regs_per_warp * (_THREADS // 32))
-        by_threads = _device_attribute(_ATTR_MAX_THREADS_PER_SM, device_id) // _THREADS
-        per_sm = max(1, min(by_regs, by_threads))
-        _resident_cache[key] = per_sm * _device_attribute(_ATTR_SM_COUNT, device_id)
-    return _resident_cache[key]
+def _launch(launch, stream_ptr):
+    """Enqueue ``launch`` on the stream; CUDA errors raise ``CUDADriverError``."""
+    _cupy().cuda.driver.launchKernel(launch.fptr, launch.grid, 1, 1, launch.block, 1, 1, 0, stream_ptr,
+                                     ctypes.addressof(launch.params), 0)
+
+
+def _ptr(arr):
+    return ctypes.c_void_p(arr.data.ptr)
+
+
+class _Plan:
+    """Workspaces and prepared launches for one batch size, schedule and stream of one layer.
+
+    The workspaces (nodes, logits, bucket keys, permutations, histograms) are reused by later calls
+    with the same key; ``run`` writes x's and y's addresses into the prepared arguments, zeroes the
+    histograms and enqueues the launches. Not safe for concurrent calls from several host threads.
+    """
+
+    def __init__(self, layer, n, vec_in, want_output, splits, sort_output, prefetch):
+        cp = _cupy()
+        levels = layer.depth + 1
+        self.nodes = cp.empty((n, layer.n_trees, levels), dtype=cp.int32)
+        self.logits = cp.empty((n, layer.n_trees, levels), dtype=layer.dtype)
+        n_sorts = len(splits) * layer.n_trees + (1 if sort_output else 0)
+        self.work = cp.zeros((n_sorts, 2, 1 << _MAX_KEY_LEVEL), dtype=cp.int32) if n_sorts else None
+        keys = cp.empty(n, dtype=cp.int32) if n_sorts else layer._dummy
+        self.x_arg = ctypes.c_void_p(0)
+        self.y_arg = ctypes.c_void_p(0)
+        self._keep = [keys]  # buffers referenced only by launch arguments
+        n_sm = _cupy().cuda.runtime.deviceGetAttribute(_ATTR_SM_COUNT, layer.device_id)
+        grid = max(1, min(-(-n // (_BLOCK // 32)), n_sm))  # one block per SM, one chunk of positions each
+        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}>")
+        scatter = _kernel("fff_bucket_scatter")
+        dummy = layer._dummy
+        has_bias = layer.b_in is not None
+        b_in = layer.b_in if has_bias else layer.w_in  # never read without a bias
+        i32, i64 = ctypes.c_int32, ctypes.c_int64
+        self.launches = []
+        out_order = None
+        i_sort = 0
+        bounds = (0, *splits, levels)
+        for tree in range(layer.n_trees):
+            order = None
+            for stage in range(len(bounds) - 1):
+                lo, hi = bounds[stage], bounds[stage + 1]
+                last = stage == len(bounds) - 2
+                if not last:
+                    key_level = hi  # the node each token visits next
+                elif sort_output and tree == 0:
+                    key_level = min(layer.depth, _MAX_KEY_LEVEL)  # the leaf, or its ancestor at level 12
+                else:
+                    key_level = -1
+                counts = self.work[i_sort, 0] if key_level >= 0 else dummy
+                self.launches.append(_Launch(route, grid, _BLOCK, [
+                    self.x_arg, i64(n), i32(layer.d_in), _ptr(layer.w_in), _ptr(b_in), i32(has_bias),
+                    i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi),
+                    _ptr(dummy if order is None else order), i32(order is not None),
+                    _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts),
+                    i32(prefetch)]))
+                if key_level >= 0:
+                    perm = cp.empty(n, dtype=cp.int32)
+                    self._keep.append(perm)
+                    self.launches.append(_Launch(scatter, -(-n // _SCATTER_TOKENS), _SCATTER_THREADS, [
+                        _ptr(keys), i64(n), _ptr(counts), i32(1 << key_level), _ptr(self.work[i_sort, 1]),
+                        _ptr(perm)]))
+                    i_sort += 1
+                    if last:
+                        out_order = perm
+                    else:
+                        order = perm
+        if want_output:
+            vec_out = 16 // layer.dtype.itemsize if layer.d_out % (16 // layer.dtype.itemsize) == 0 else 1
+            output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>")
+            self.launches.append(_Launch(output, grid, _BLOCK, [
+                _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
+                i32(layer.n_trees), i32(layer.depth), i32(layer._act),
+                _ptr(dummy if out_order is None else out_order), i32(out_order is not None), self.y_arg]))
+
+    def run(self, x2, y, stream_ptr):
+        self.x_arg.value = x2.data.ptr
+        if y is not None:
+            self.y_arg.value = y.data.ptr
+        if self.work is not None:
+            self.work.data.memset_async(0, self.work.nbytes)
+        for launch in self.launches:
+            _launch(launch, stream_ptr)
 
 
 class FFF:
@@ -131,6 +233,7 @@ class FFF:
         self._act = _ACT_CODES[cpu.activation]
         self._ctype = _CTYPES[self.dtype]
         self._dummy = cp.zeros(1, dtype=cp.int32)
+        self._plans = OrderedDict()
 
     def to_cpu(self):
         """A :class:`pyfff.FFF` with these weights copied to the host."""
@@ -223,79 +326,36 @@ class FFF:
             raise ValueError(f"splits must be increasing levels in 1..{top}, got {splits}")
         return splits, bool(sort_output)
 
-    def _run(self, x2, *, want_output, splits=None, sort_output=None):
+    def _run(self, x2, *, want_output, splits=None, sort_output=None, prefetch=None):
         """Run the pipeline on a (n, d_in) CuPy array; returns (y or None, (nodes, logits)).
 
-        ``splits`` (levels at which the tokens are re-sorted by their node there) and ``sort_output`` (whether
-        ``y`` is formed in leaf order) default to :meth:`_schedule`; every choice gives the same results.
+        ``splits`` (levels at which the tokens are re-sorted by their node there), ``sort_output`` (whether
+        ``y`` is formed in leaf order) and ``prefetch`` (PYFFF_PREFETCH_* bits) default to
+        :meth:`_schedule` and ``_PREFETCH``; every choice gives the same results. ``nodes`` and ``logits``
+        are workspaces of the launch plan, overwritten by the next call with the same plan.
         """
         cp = _cupy()
-        from . import _loader  # imports CuPy
-
         n = x2.shape[0]
-        levels = self.depth + 1
         default_splits, default_sort = self._schedule(n)
         splits, sort_output = self._check_schedule(default_splits if splits is None else splits,
                                                    default_sort if sort_output is None else sort_output)
         sort_output = sort_output and want_output
-        nodes = cp.empty((n, self.n_trees, levels), dtype=cp.int32)
-        logits = cp.empty((n, self.n_trees, levels), dtype=self.dtype)
+        prefetch = _PREFETCH if prefetch is None else int(prefetch)
         y = cp.empty((n, self.d_out), dtype=self.dtype) if want_output else None
         if n == 0:
-            return y, (nodes, logits)
-
-        itemsize = self.dtype.itemsize
-        vec = 16 // itemsize
+            levels = self.depth + 1
+            return y, (cp.empty((0, self.n_trees, levels), cp.int32), cp.empty((0, self.n_trees, levels), self.dtype))
+        vec = 16 // self.dtype.itemsize
         vec_in = vec if self.d_in % vec == 0 and x2.data.ptr % 16 == 0 else 1
-        vec_out = vec if self.d_out % vec == 0 else 1
-        route = _loader.get_kernel(_KERNEL_FILE, f"fff_route<{self._ctype}, {vec_in}>")
-        scatter = _loader.get_kernel(_KERNEL_FILE, "fff_bucket_scatter")
-        dummy = self._dummy
-        has_bias = self.b_in is not None
-        b_in = self.b_in if has_bias else self.w_in  # never read without a bias
-
-        n_sorts = len(splits) * self.n_trees + (1 if sort_output else 0)
-        if n_sorts:
-            work = cp.zeros((n_sorts, 2, 1 << _MAX_KEY_LEVEL), dtype=cp.int32)  # counts, cursors per sort
-            keys = cp.empty(n, dtype=cp.int32)
-        n64 = np.int64(n)
-        route_grid = (max(1, min(-(-n // (_THREADS // 32)), _resident_blocks(route, self.device_id))),)
-        scatter_grid = (-(-n // _SCATTER_TOKENS),)
-        out_order = None
-        i_sort = 0
-        bounds = (0, *splits, levels)
-        for tree in range(self.n_trees):
-            order = None
-            for stage in range(len(bounds) - 1):
-                lo, hi = bounds[stage], bounds[stage + 1]
-                last = stage == len(bounds) - 2
-                if not last:
-                    key_level = hi  # the node each token visits next
-                elif sort_output and tree == 0:
-                    key_level = min(self.depth, _MAX_KEY_LEVEL)  # the leaf, or its ancestor at level 12
-                else:
-                    key_level = -1
-                counts = work[i_sort, 0] if key_level >= 0 else dummy
-                route(route_grid, (_THREADS,), (
-                    x2, n64, np.int32(self.d_in), self.w_in, b_in, np.int32(has_bias),
-                    np.int32(self.n_trees), np.int32(self.depth), np.int32(tree), np.int32(lo), np.int32(hi),
-                    dummy if order is None else order, np.int32(order is not None),
-                    nodes, logits, np.int32(key_level), keys if key_level >= 0 else dummy, counts))
-                if key_level >= 0:
-                    perm = cp.empty(n, dtype=cp.int32)
-                    scatter(scatter_grid, (_SCATTER_THREADS,), (
-                        keys, n64, counts, np.int32(1 << key_level), work[i_sort, 1], perm))
-                    i_sort += 1
-                    if last:
-                        out_order = perm
-                    else:
-                        order = perm
-
-        if want_output:
-            output = _loader.get_kernel(_KERNEL_FILE, f"fff_output<{self._ctype}, {vec_out}>")
-            out_grid = (max(1, min(-(-n // (_THREADS // 32)), _resident_blocks(output, self.device_id))),)
-            output(out_grid, (_THREADS,), (
-                nodes, logits, n64, np.int32(self.d_out), self.w_out, np.int32(self.n_trees),
-                np.int32(self.depth), np.int32(self._act),
-                dummy if out_order is None else out_order, np.int32(out_order is not None), y))
-        return y, (nodes, logits)
+        stream_ptr = cp.cuda.get_current_stream().ptr
+        key = (n, vec_in, want_output, splits, sort_output, prefetch, stream_ptr)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = _Plan(self, n, vec_in, want_output, splits, sort_output, prefetch)
+            self._plans[key] = plan
+            while len(self._plans) > _MAX_PLANS:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        plan.run(x2, y, stream_ptr)
+        return y, (plan.nodes, plan.logits)

@@ -32,7 +32,17 @@
 // Bucket keys are nodes of one level <= 12 (at most 4096 buckets).
 #define PYFFF_MAX_BUCKETS 4096
 #define PYFFF_SCATTER_THREADS 256
-#define PYFFF_SCATTER_ITEMS 8
+#define PYFFF_SCATTER_ITEMS 2
+// fff_route / fff_output run one block of 768 threads (24 warps) per SM: all warps of an SM then work
+// on one contiguous chunk of positions, so one L1 serves the rows of one subtree.
+#define PYFFF_BLOCK 768
+// fff_output: tokens per warp (neighbours in leaf order share rows: one load serves them all) and
+// VEC-vectors per lane per column chunk.
+#define PYFFF_OUT_TOKENS 4
+#define PYFFF_OUT_VECS 2
+
+#define PYFFF_PREFETCH_NEXT_X 1     // fff_route: prefetch the next token's row of x into L2
+#define PYFFF_PREFETCH_CHILDREN 2   // fff_route: prefetch both children's rows of w_in into L1
 
 #define PYFFF_ACT_GELU 0
 #define PYFFF_ACT_GELU_TANH 1
@@ -40,52 +50,53 @@
 
 // ---------------------------------------------------------------- loads, stores
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&v)[VEC]);
+// VEC-wide loads, overloaded on the element count of the destination. STREAM: evict-first (rows of x
+// are read once per token and should not push weight rows out of L1); else the read-only path (__ldg).
+template <bool STREAM, typename V>
+__device__ __forceinline__ V ld(const V* __restrict__ p) {
+    if (STREAM) return __ldcs(p);
+    return __ldg(p);
+}
 
-template <>
-__device__ __forceinline__ void load_vec<float, 4>(const float* __restrict__ p, float (&v)[4]) {
-    const float4 t = __ldg(reinterpret_cast<const float4*>(p));
+template <bool STREAM>
+__device__ __forceinline__ void load_vec(const float* __restrict__ p, float (&v)[4]) {
+    const float4 t = ld<STREAM>(reinterpret_cast<const float4*>(p));
     v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
 }
 
-template <>
-__device__ __forceinline__ void load_vec<float, 1>(const float* __restrict__ p, float (&v)[1]) {
-    v[0] = __ldg(p);
-}
-
-template <>
-__device__ __forceinline__ void load_vec<double, 2>(const double* __restrict__ p, double (&v)[2]) {
-    const double2 t = __ldg(reinterpret_cast<const double2*>(p));
+template <bool STREAM>
+__device__ __forceinline__ void load_vec(const double* __restrict__ p, double (&v)[2]) {
+    const double2 t = ld<STREAM>(reinterpret_cast<const double2*>(p));
     v[0] = t.x; v[1] = t.y;
 }
 
-template <>
-__device__ __forceinline__ void load_vec<double, 1>(const double* __restrict__ p, double (&v)[1]) {
-    v[0] = __ldg(p);
+template <bool STREAM, typename T>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&v)[1]) {
+    v[0] = ld<STREAM>(p);
 }
 
+// Stores of y are streaming too (written once, never read back by these kernels).
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&v)[VEC]);
 
 template <>
 __device__ __forceinline__ void store_vec<float, 4>(float* __restrict__ p, const float (&v)[4]) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
 }
 
 template <>
 __device__ __forceinline__ void store_vec<float, 1>(float* __restrict__ p, const float (&v)[1]) {
-    *p = v[0];
+    __stcs(p, v[0]);
 }
 
 template <>
 __device__ __forceinline__ void store_vec<double, 2>(double* __restrict__ p, const double (&v)[2]) {
-    *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+    __stcs(reinterpret_cast<double2*>(p), make_double2(v[0], v[1]));
 }
 
 template <>
 __device__ __forceinline__ void store_vec<double, 1>(double* __restrict__ p, const double (&v)[1]) {
-    *p = v[0];
+    __stcs(p, v[0]);
 }
 
 // ---------------------------------------------------------------- math
@@ -95,6 +106,15 @@ __device__ __forceinline__ T warp_sum(T v) {
     #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(PYFFF_FULL_MASK, v, offset);
     return v;
+}
+
+// Prefetch the 128-byte lines of [p, p + n_bytes) into L1 (to_l1) or L2, spread over the lanes of a warp.
+__device__ __forceinline__ void prefetch_lines(const void* p, long long n_bytes, int lane, bool to_l1) {
+    const char* c = static_cast<const char*>(p);
+    for (long long b = (long long)lane * 128; b < n_bytes; b += 32 * 128) {
+        if (to_l1) asm volatile("prefetch.global.L1 [%0];" :: "l"(c + b));
+        else asm volatile("prefetch.global.L2 [%0];" :: "l"(c + b));
+    }
 }
 
 __device__ __forceinline__ float activation(float z, int act) {
@@ -144,8 +164,12 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
 // logit stored at level lo - 1. key_level in [lo, hi] (or -1: none) names the
 // level whose node becomes the token's bucket key (key_level == hi: the next
 // node to visit); keys[tok] = node - (2**key_level - 1) and counts[key] += 1.
+// prefetch (PYFFF_PREFETCH_* bits) hides latency: the walk of a token is a chain
+// of dependent row loads, so while a level's dot product is reduced, the rows of
+// both children (adjacent in memory) are fetched into L1, and while a token is
+// walked, the next token's x is fetched into L2.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256, 3) fff_route(
+__global__ void __launch_bounds__(PYFFF_BLOCK, 1) fff_route(
     const T* __restrict__ x,         // IN  (n, d_in)
     const long long n,
     const int d_in,                  // multiple of VEC
@@ -163,7 +187,8 @@ __global__ void __launch_bounds__(256, 3) fff_route(
     T* __restrict__ logits,          // IN/OUT (n, n_trees, depth + 1)
     const int key_level,
     int* __restrict__ keys,          // OUT (n,), written only if key_level >= 0
-    int* __restrict__ counts)        // IN/OUT (2**key_level,) histogram of keys
+    int* __restrict__ counts,        // IN/OUT (2**key_level,) histogram of keys
+    const int prefetch)
 {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -177,6 +202,11 @@ __global__ void __launch_bounds__(256, 3) fff_route(
         const long long tok = token_at(order, use_order, p, n);
         if (tok < 0) continue;
         const T* __restrict__ xt = x + tok * d_in;
+        if (prefetch & PYFFF_PREFETCH_NEXT_X) {
+            const long long p_next = p + n_warps;
+            const long long tok_next = p_next < range.end ? token_at(order, use_order, p_next, n) : -1;
+            if (tok_next >= 0) prefetch_lines(x + tok_next * d_in, (long long)d_in * sizeof(T), lane, false);
+        }
 
         // The token's row stays in registers for all levels (first PYFFF_MAXV vectors per lane).
         T xr[PYFFF_MAXV][VEC];
@@ -184,7 +214,7 @@ __global__ void __launch_bounds__(256, 3) fff_route(
         for (int j = 0; j < PYFFF_MAXV; ++j) {
             const int v = lane + 32 * j;
             if (v < nvec) {
-                load_vec<T, VEC>(xt + (long long)v * VEC, xr[j]);
+                load_vec<true>(xt + (long long)v * VEC, xr[j]);
             } else {
                 #pragma unroll
                 for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
@@ -199,6 +229,8 @@ __global__ void __launch_bounds__(256, 3) fff_route(
         for (int level = lo; level < hi; ++level) {
             const long long row = (long long)tree * n_nodes + node;
             const T* __restrict__ w = w_in + row * d_in;
+            if ((prefetch & PYFFF_PREFETCH_CHILDREN) && level < depth)  // rows 2n+1, 2n+2 are adjacent
+                prefetch_lines(w_in + (row + node + 1) * d_in, 2LL * d_in * sizeof(T), lane, true);
             T acc[VEC];
             #pragma unroll
             for (int c = 0; c < VEC; ++c) acc[c] = T(0);
@@ -207,15 +239,15 @@ __global__ void __launch_bounds__(256, 3) fff_route(
                 const int v = lane + 32 * j;
                 if (v < nvec) {
                     T wv[VEC];
-                    load_vec<T, VEC>(w + (long long)v * VEC, wv);
+                    load_vec<false>(w + (long long)v * VEC, wv);
                     #pragma unroll
                     for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[j][c], acc[c]);
                 }
             }
             for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the register cache
                 T wv[VEC], xv[VEC];
-                load_vec<T, VEC>(w + (long long)v * VEC, wv);
-                load_vec<T, VEC>(xt + (long long)v * VEC, xv);
+                load_vec<false>(w + (long long)v * VEC, wv);
+                load_vec<false>(xt + (long long)v * VEC, xv);
                 #pragma unroll
                 for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
             }
@@ -326,12 +358,15 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
 
 // y[tok] = sum over trees t and levels l of act(logits[tok, t, l]) * w_out[t * n_nodes + nodes[tok, t, l]],
 // summed in that order (trees outer, levels inner, like the NumPy reference), written once.
-// Positions are split into contiguous chunks per block as in fff_route; with the
-// leaf order from fff_bucket_scatter, neighbouring warps share most rows.
-// Each lane computes one (tree, level) term's activation and row, and the warp
-// broadcasts them with shuffles; the lanes then stream the rows with VEC-wide loads.
+//
+// A warp takes PYFFF_OUT_TOKENS neighbouring positions at a time. In leaf order
+// (from fff_bucket_scatter) neighbours sit on the same node at most levels, and
+// equal nodes are adjacent, so a row chunk loaded for one token is reused from
+// registers by the next ones while their node is the same. Each lane computes one
+// term's node and activation per token, broadcast with shuffles; columns go in
+// chunks of 32 * PYFFF_OUT_VECS vectors held in registers.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256, 3) fff_output(
+__global__ void __launch_bounds__(PYFFF_BLOCK, 1) fff_output(
     const int* __restrict__ nodes,   // IN  (n, n_trees, depth + 1)
     const T* __restrict__ logits,    // IN  (n, n_trees, depth + 1)
     const long long n,
@@ -344,6 +379,8 @@ __global__ void __launch_bounds__(256, 3) fff_output(
     const int use_order,
     T* __restrict__ y)               // OUT (n, d_out)
 {
+    constexpr int G = PYFFF_OUT_TOKENS;
+    constexpr int J = PYFFF_OUT_VECS;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
@@ -353,50 +390,74 @@ __global__ void __launch_bounds__(256, 3) fff_output(
     const long long n_nodes = (2LL << depth) - 1;
     const PositionRange range = block_positions(n);
 
-    for (long long p = range.begin + warp; p < range.end; p += n_warps) {  // warp-uniform
-        const long long tok = token_at(order, use_order, p, n);
-        if (tok < 0) continue;
-        const int* __restrict__ tn = nodes + tok * n_terms;
-        const T* __restrict__ tz = logits + tok * n_terms;
-        T* __restrict__ yt = y + tok * d_out;
+    for (long long p0 = range.begin + (long long)warp * G; p0 < range.end; p0 += (long long)n_warps * G) {
+        long long tok[G];  // warp-uniform; -1: no token in this slot
+        #pragma unroll
+        for (int g = 0; g < G; ++g) tok[g] = (p0 + g < range.end) ? token_at(order, use_order, p0 + g, n) : -1;
 
-        for (int v0 = 0; v0 < nvec; v0 += 32 * PYFFF_MAXV) {  // column chunks held in registers
-            T acc[PYFFF_MAXV][VEC];
+        for (int v0 = 0; v0 < nvec; v0 += 32 * J) {  // column chunks
+            T acc[G][J][VEC];
             #pragma unroll
-            for (int j = 0; j < PYFFF_MAXV; ++j) {
+            for (int g = 0; g < G; ++g) {
                 #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[j][c] = T(0);
+                for (int j = 0; j < J; ++j) {
+                    #pragma unroll
+                    for (int c = 0; c < VEC; ++c) acc[g][j][c] = T(0);
+                }
             }
             for (int i0 = 0; i0 < n_terms; i0 += 32) {
                 const int i = i0 + lane;
-                T a = T(0);
-                long long row = 0;
-                if (i < n_terms) {
-                    row = (long long)(i / levels) * n_nodes + __ldg(tn + i);
-                    a = activation(__ldg(tz + i), act);
+                int node_l[G];
+                T a_l[G];
+                #pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    node_l[g] = 0;
+                    a_l[g] = T(0);
+                    if (tok[g] >= 0 && i < n_terms) {
+                        node_l[g] = __ldg(nodes + tok[g] * n_terms + i);
+                        a_l[g] = activation(__ldg(logits + tok[g] * n_terms + i), act);
+                    }
                 }
                 const int cnt = min(32, n_terms - i0);
-                #pragma unroll 2
                 for (int k = 0; k < cnt; ++k) {
-                    const T ak = __shfl_sync(PYFFF_FULL_MASK, a, k);
-                    const long long rk = __shfl_sync(PYFFF_FULL_MASK, row, k);
-                    const T* __restrict__ w = w_out + rk * d_out;
+                    const long long tree_rows = (long long)((i0 + k) / levels) * n_nodes;
+                    T w[J][VEC];
+                    int loaded = -1;  // node whose row chunk is in w
                     #pragma unroll
-                    for (int j = 0; j < PYFFF_MAXV; ++j) {
-                        const int v = v0 + lane + 32 * j;
-                        if (v < nvec) {
-                            T wv[VEC];
-                            load_vec<T, VEC>(w + (long long)v * VEC, wv);
+                    for (int g = 0; g < G; ++g) {
+                        const int nd = __shfl_sync(PYFFF_FULL_MASK, node_l[g], k);
+                        const T ag = __shfl_sync(PYFFF_FULL_MASK, a_l[g], k);
+                        if (tok[g] < 0) continue;  // warp-uniform
+                        if (nd != loaded) {        // warp-uniform
+                            const T* __restrict__ wr = w_out + (tree_rows + nd) * d_out;
                             #pragma unroll
-                            for (int c = 0; c < VEC; ++c) acc[j][c] = fma(ak, wv[c], acc[j][c]);
+                            for (int j = 0; j < J; ++j) {
+                                const int v = v0 + lane + 32 * j;
+                                if (v < nvec) {
+                                    load_vec<false>(wr + (long long)v * VEC, w[j]);
+                                } else {
+                                    #pragma unroll
+                                    for (int c = 0; c < VEC; ++c) w[j][c] = T(0);
+                                }
+                            }
+                            loaded = nd;
+                        }
+                        #pragma unroll
+                        for (int j = 0; j < J; ++j) {
+                            #pragma unroll
+                            for (int c = 0; c < VEC; ++c) acc[g][j][c] = fma(ag, w[j][c], acc[g][j][c]);
                         }
                     }
                 }
             }
             #pragma unroll
-            for (int j = 0; j < PYFFF_MAXV; ++j) {
-                const int v = v0 + lane + 32 * j;
-                if (v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
+            for (int g = 0; g < G; ++g) {
+                if (tok[g] < 0) continue;
+                #pragma unroll
+                for (int j = 0; j < J; ++j) {
+                    const int v = v0 + lane + 32 * j;
+                    if (v < nvec) store_vec<T, VEC>(y + tok[g] * d_out + (long long)v * VEC, acc[g][j]);
+                }
             }
         }
     }
