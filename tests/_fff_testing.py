@@ -55,6 +55,14 @@ def random_layer_and_x(seed, batch, d_in, d_out, depth, *, n_trees=1, dtype=np.f
     return FFF(w_in, b_in, w_out, n_trees=n_trees, activation=activation), x
 
 
+def unaligned_copy(a, offset=1):
+    """A C-contiguous copy of ``a`` whose data starts ``offset`` bytes off alignment."""
+    u = np.ndarray(a.shape, dtype=a.dtype, buffer=bytearray(a.nbytes + offset), offset=offset)
+    u[...] = a
+    assert u.flags.c_contiguous and not u.flags.aligned
+    return u
+
+
 def logit_tolerance(x, w_rows, b_rows):
     """Largest logit whose sign two correct summation orders may disagree on.
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from _fff_testing import compare_with_reference, random_layer_and_x, random_weights
+from _fff_testing import compare_with_reference, random_layer_and_x, random_weights, unaligned_copy
 from pyfff import FFF
 
 
@@ -132,6 +132,26 @@ def test_byte_swapped_input(global_random_seed, dtype):
         np.testing.assert_array_equal(layer(swapped, n_threads=n_threads), layer(x), strict=True)
         np.testing.assert_array_equal(layer(swapped[0], n_threads=n_threads), layer(x[0]), strict=True)
     np.testing.assert_array_equal(layer.routes(swapped), layer.routes(x), strict=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", ["w_in", "b_in", "w_out"])
+def test_unaligned_weights(weights, which, dtype):
+    """Weights read from a byte blob at an odd offset (np.frombuffer) must work.
+
+    Fails at 65f6abc: ``_as_float_array`` (pyfff/fff.py) returns such an array
+    as is (C-contiguous, right dtype), and ``_data`` in pyfff/_fff_cpu.pyx
+    now requires ``PyArray_ISALIGNED``, so FFF() raises "internal error:
+    w_in must be a C-contiguous array ...". Fix: in ``_as_float_array``,
+    ``return np.require(np.asarray(arr, dtype=dtype), requirements="CA")``.
+    """
+    args = {name: a.astype(dtype) for name, a in zip(("w_in", "b_in", "w_out"), weights)}
+    aligned = FFF(args["w_in"], args["b_in"], args["w_out"], n_trees=2)
+    args[which] = unaligned_copy(args[which])
+    layer = FFF(args["w_in"], args["b_in"], args["w_out"], n_trees=2)
+    x = np.random.default_rng(0).standard_normal((9, 11)).astype(dtype)
+    np.testing.assert_array_equal(layer(x), aligned(x), strict=True)
+    np.testing.assert_array_equal(layer.routes(x), aligned.routes(x), strict=True)
 
 
 @pytest.mark.parametrize("layer_dtype", [np.float32, np.float64])

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 from threadpoolctl import threadpool_limits
 
-from _fff_testing import compare_with_reference, random_layer_and_x, assert_outputs_close
+from _fff_testing import assert_outputs_close, compare_with_reference, random_layer_and_x, unaligned_copy
 from pyfff import FFF, _fff_cpu, reference
 from pyfff._openmp_helpers import _openmp_effective_n_threads
 
@@ -161,9 +161,6 @@ def _views(x_big):
     d = d2 // 2
     ro = x_big[::2, :d].copy()
     ro.setflags(write=False)
-    unaligned = np.ndarray((n2 // 2, d), dtype=x_big.dtype, buffer=bytearray(n2 // 2 * d * x_big.itemsize + 1),
-                           offset=1)
-    unaligned[...] = x_big[n2 // 2:, :d]
     return {
         "rows strided": x_big[::2, :d],
         "cols strided": x_big[: n2 // 2, ::2],
@@ -174,7 +171,7 @@ def _views(x_big):
         "read-only": ro,
         "3-D strided": x_big.reshape(2, n2 // 2, d2)[:, ::3, 1::2],
         "byte-swapped": x_big[: n2 // 2, :d].astype(x_big.dtype.newbyteorder()),
-        "unaligned": unaligned,
+        "unaligned": unaligned_copy(x_big[n2 // 2:, :d]),
     }
 
 
