@@ -364,3 +364,9 @@ def test_write_plot_with_mixed_widths_and_dtypes_and_without_results(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(ValueError):
         write_plot([], tmp_path / "q.png")
+
+
+def test_dense_gelu_without_scipy_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.special", None)  # import scipy.special -> ImportError
+    with pytest.raises(B.Unavailable, match="SciPy"):
+        B.prepare("dense_gelu", B.Workload(TINY), 1)
