@@ -142,17 +142,27 @@ def test_bitwise_identical_for_threads_limits_and_tiles(global_random_seed, dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_token_result_does_not_depend_on_the_batch(global_random_seed, dtype):
-    layer, x = random_layer_and_x(global_random_seed, 300, 29, 11, 10, n_trees=2, dtype=dtype)
+@pytest.mark.parametrize("d_in, d_out", [(1, 1), (29, 11), (64, 64), (789, 100), (130, 250)])
+def test_token_result_does_not_depend_on_the_batch(global_random_seed, d_in, d_out, dtype):
+    """A token alone (the batch-1 path) and inside any batch (shared-row paths) gives the same bits.
+
+    The widths cover the kernels' blocks: several vector blocks, a single
+    vector block and a scalar tail, for 4/8/16-lane vectors.
+    """
+    layer, x = random_layer_and_x(global_random_seed, 300, d_in, d_out, 10, n_trees=2, dtype=dtype)
+    x[200:230] = x[7]  # identical tokens share every node
     y = layer(x)
-    for i in (0, 1, 150, 299):
+    for i in (0, 1, 7, 150, 215, 299):
         np.testing.assert_array_equal(layer(x[i]), y[i], strict=True)
         np.testing.assert_array_equal(layer(x[i:i + 1], n_threads=1), y[i:i + 1], strict=True)
+        np.testing.assert_array_equal(layer.routes(x[i]), layer.routes(x)[i], strict=True)
     perm = np.random.default_rng(global_random_seed).permutation(300)
     np.testing.assert_array_equal(layer(x[perm], n_threads=2), y[perm], strict=True)
     doubled = np.concatenate([x, x[::-1]])
     np.testing.assert_array_equal(layer(doubled), np.concatenate([y, y[::-1]]), strict=True)
     np.testing.assert_array_equal(layer.routes(doubled)[:300], layer.routes(x), strict=True)
+    for size in (2, 3, 5, 9, 17):  # small batches: partly filled groups of shared tokens
+        np.testing.assert_array_equal(layer(x[100:100 + size]), y[100:100 + size], strict=True)
 
 
 def _views(x_big):
