@@ -242,10 +242,16 @@ def write_plot(results, path):
         for r in results:
             if getattr(r, other) == fixed:
                 lines.setdefault((r.family, _plot_label(r, attr), r.n_threads), []).append(r)
+        busy_label = f"timed while other processes used > {BUSY_CORES} cores"
         for (family, kernel, n), rs in sorted(lines.items()):
             rs.sort(key=lambda r: getattr(r, attr))
             ax.plot([getattr(r, attr) for r in rs], [r.us_per_token for r in rs], PLOT_FAMILIES.get(family, "-"),
                     label=f"{kernel}, {n} thread{'s' if n > 1 else ''}")
+            busy = [r for r in rs if _busy(r)]
+            if busy:  # the '*' rows of the table: crossed out, their times may be disturbed
+                ax.plot([getattr(r, attr) for r in busy], [r.us_per_token for r in busy], "kx", markersize=9,
+                        label=busy_label)
+                busy_label = None  # one legend entry
         ax.set_yscale("log")
         if attr == "batch":
             ax.set_xscale("log", base=2)
@@ -253,7 +259,9 @@ def write_plot(results, path):
         ax.set_ylabel("time per token (us)")
         ax.set_title(f"time per token: width {width}, {dtype}, {other} {fixed}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("timed while"))  # that one last
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

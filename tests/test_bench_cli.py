@@ -360,6 +360,8 @@ def test_write_plot_with_mixed_widths_and_dtypes_and_without_results(tmp_path):
 
     rs = [B.run_case("pyfff", B.Shape(batch=b, depth=1, width=w, dtype=dt), 1, **FAST)
           for w, dt in ((8, "float32"), (4, "float64")) for b in (2, 3)]
+    for r, load in zip(rs, (1.0, 0.0, None, 1.0)):
+        r.other_load = load  # busy points are crossed out
     write_plot(rs, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(ValueError):
