@@ -86,7 +86,7 @@ def add_parser(subparsers):
                          f"e.g. dense_{B.BERT_BASE_NEURONS}"))
     p.add_argument("--repeat", type=int, default=5,
                    help="timed runs per case after one warm-up (default 5; calls over ~1 s get fewer, "
-                        "fast ones more; the best run is reported)")
+                        "fast ones more; the median run is reported)")
     p.add_argument("--max-time", type=float, default=3.0, metavar="S",
                    help="stop timing a case after S seconds once 2 runs are done (default 3)")
     p.add_argument("--star", action="store_true",
@@ -285,7 +285,8 @@ def run(args):
     t0 = time.perf_counter()
     results, skipped = run_cases(args, cases)
     elapsed = time.perf_counter() - t0
-    print("pyfff bench: best timed call after 1 warm-up (time.perf_counter); speed-up = time of the dense FF "
+    print("pyfff bench: us/token = median timed call (time.perf_counter, after 1 warm-up, each call on new "
+          "tokens) / batch; speed-up = time of the dense FF "
           "with the tree's neuron count (two BLAS matmuls, activation not timed) on the same threads and batch "
           "in this run / time of this row; scaling = the same kernel's time on 1 thread / this row's; "
           "correct = first rows match pyfff.reference")

@@ -8,8 +8,11 @@ Contract
 * Inputs and weights are deterministic (seeded ``numpy.random.default_rng``),
   never uninitialised.
 * Every implementation is timed with ``time.perf_counter`` around single calls,
-  after at least one warm-up call; the reported time is the best (minimum) of
-  the runs, the median is kept too.
+  after at least one warm-up call. Calls cycle through distinct inputs (at
+  least ``POOL_TOKENS`` tokens), so no call finds its routes' weight rows
+  cache-hot from an identical previous call; the reported time is therefore
+  the median of the runs (the best run is the luckiest input and is kept as
+  ``best_s``).
 * A dense baseline runs on the same number of threads as the FFF kernel it is
   compared with: the BLAS thread pool is limited once around the whole timed
   region (``threadpoolctl``), not per call. Its two matrix products write into
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import platform
@@ -49,6 +53,9 @@ BERT_BASE_NEURONS = 3072
 DEFAULT_WIDTH = 768
 DEFAULT_DEPTH = 11
 CHECK_ROWS = 64  # rows of every output compared with the reference
+# Calls cycle through distinct inputs, at least this many tokens in all, so that no call finds its tokens' weight
+# rows still in cache from an identical previous call (batch 1 with one fixed input would time a cache-hot route).
+POOL_TOKENS = 4096
 NUMPY_REF_MAX_BATCH = 2048  # the reference walks the tree with fancy indexing: slow beyond this
 # allclose tolerances on outputs, relative to the largest reference value of the checked rows
 TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
@@ -89,7 +96,13 @@ def _dense_weights(n_neurons, width, dtype, seed):
 
 
 class Workload:
-    """The FFF layer, its input and the dense weights of one :class:`Shape`; all seeded.
+    """The FFF layer, its inputs and the dense weights of one :class:`Shape`; all seeded.
+
+    ``inputs`` holds ``ceil(POOL_TOKENS / batch)`` distinct (batch, width)
+    inputs (one when the batch is at least ``POOL_TOKENS``); :meth:`next_x`
+    cycles through them, so consecutive timed calls see new tokens, as in
+    inference, and ``last_x`` is the input of the latest call (the one whose
+    output is checked). ``x`` is the first input.
 
     Layers and dense weights are cached (a few at a time) so that a sweep over
     batch sizes builds each layer once.
@@ -100,7 +113,16 @@ class Workload:
         self.seed = seed
         self.layer = _layer(shape.width, shape.depth, shape.dtype, seed)
         rng = np.random.default_rng(seed + 1)
-        self.x = rng.standard_normal((shape.batch, shape.width), dtype=np.float32).astype(shape.dtype)
+        n_inputs = -(-POOL_TOKENS // shape.batch)  # ceil
+        pool = rng.standard_normal((n_inputs, shape.batch, shape.width), dtype=np.float32).astype(shape.dtype)
+        self.inputs = list(pool)  # C-contiguous (batch, width) views
+        self.x = self.last_x = self.inputs[0]
+        self._cycle = itertools.cycle(self.inputs)
+
+    def next_x(self):
+        """The next input of the cycle (timed calls pick their input with this: about 0.1 us)."""
+        x = self.last_x = next(self._cycle)
+        return x
 
     def dense_weights(self, n_neurons):
         return _dense_weights(n_neurons, self.shape.width, self.shape.dtype, self.seed)
@@ -266,25 +288,29 @@ def _dense_costs(shape: Shape, n_neurons, itemsize):
 
 
 def _prepare_fff(work: Workload, n_threads):
-    layer, x = work.layer, work.x
+    layer = work.layer
     flops, nbytes = _fff_costs(work.shape, layer.dtype.itemsize)
     return Prepared(
         kernel="pyfff", family="fff", n_threads=n_threads, n_neurons=layer.n_neurons,
-        run=lambda: layer(x, n_threads=n_threads),
-        check=lambda y: check_fff_output(layer, x, y), flops=flops, bytes=nbytes)
+        run=lambda: layer(work.next_x(), n_threads=n_threads),
+        check=lambda y: check_fff_output(layer, work.last_x, y), flops=flops, bytes=nbytes)
 
 
 def _prepare_numpy_ref(work: Workload, n_threads):
-    layer, x = work.layer, work.x
+    layer = work.layer
     if work.shape.batch > NUMPY_REF_MAX_BATCH:
         raise Unavailable(f"numpy_ref runs only up to batch {NUMPY_REF_MAX_BATCH} (it is slow)")
     flops, nbytes = _fff_costs(work.shape, layer.dtype.itemsize)
-    ref_routes = fff_routes(x[:CHECK_ROWS], layer.w_in, layer.b_in)[0]
+
+    def check(y):
+        x = work.last_x
+        routes = fff_routes(x[:CHECK_ROWS], layer.w_in, layer.b_in)[0]  # numpy_ref's own routes
+        return check_fff_output(layer, x, y, routes=routes, reference="masked_dense")
+
     return Prepared(
         kernel="numpy_ref", family="reference", n_threads=1, n_neurons=layer.n_neurons,
-        run=lambda: fff_forward(x, layer.w_in, layer.b_in, layer.w_out, activation=layer.activation),
-        check=lambda y: check_fff_output(layer, x, y, routes=ref_routes, reference="masked_dense"),
-        flops=flops, bytes=nbytes, limits=lambda: blas_limits(1))
+        run=lambda: fff_forward(work.next_x(), layer.w_in, layer.b_in, layer.w_out, activation=layer.activation),
+        check=check, flops=flops, bytes=nbytes, limits=lambda: blas_limits(1))
 
 
 def _gelu_inplace(h, tmp):
@@ -311,22 +337,22 @@ def _make_dense(n_neurons: Optional[int], gelu: bool):
         n = shape.n_neurons if n_neurons is None else n_neurons
         w1, w2 = work.dense_weights(n)
         w1t = w1.T  # (width, n) view: sgemm with a transposed operand, no copy
-        x = work.x
-        h = np.empty((shape.batch, n), dtype=x.dtype)
+        dtype = work.x.dtype
+        h = np.empty((shape.batch, n), dtype=dtype)
         tmp = np.empty_like(h) if gelu else None
-        y = np.empty((shape.batch, shape.width), dtype=x.dtype)
+        y = np.empty((shape.batch, shape.width), dtype=dtype)
 
         def run():
-            np.matmul(x, w1t, out=h)
+            np.matmul(work.next_x(), w1t, out=h)
             if gelu:
                 _gelu_inplace(h, tmp)
             np.matmul(h, w2, out=y)
             return y
 
-        flops, nbytes = _dense_costs(shape, n, x.dtype.itemsize)
+        flops, nbytes = _dense_costs(shape, n, dtype.itemsize)
         return Prepared(
             kernel=f"dense_{n}" + ("+gelu" if gelu else ""), family="dense", n_threads=n_threads, n_neurons=n,
-            run=run, check=lambda out: check_dense_output(x, w1, w2, out, "gelu" if gelu else None),
+            run=run, check=lambda out: check_dense_output(work.last_x, w1, w2, out, "gelu" if gelu else None),
             flops=flops, bytes=nbytes, limits=lambda: blas_limits(n_threads), activation_timed=gelu)
 
     return prepare_dense
@@ -467,20 +493,30 @@ class Result:
     other_load: Optional[float] = None  # cores used by other processes while this case was timed
 
     @property
+    def time_s(self):
+        """The reported seconds per call: the median run."""
+        return self.median_s
+
+    @property
     def us_per_token(self):
+        return self.time_s / self.batch * 1e6
+
+    @property
+    def us_per_token_best(self):
         return self.best_s / self.batch * 1e6
 
     @property
     def gflops(self):
-        return self.flops / self.best_s / 1e9
+        return self.flops / self.time_s / 1e9
 
     @property
     def gbytes_per_s(self):
-        return self.bytes / self.best_s / 1e9
+        return self.bytes / self.time_s / 1e9
 
     def as_dict(self):
         d = dataclasses.asdict(self)
-        d.update(us_per_token=self.us_per_token, gflops=self.gflops, gbytes_per_s=self.gbytes_per_s)
+        d.update(us_per_token=self.us_per_token, us_per_token_best=self.us_per_token_best, gflops=self.gflops,
+                 gbytes_per_s=self.gbytes_per_s)
         return d
 
 
@@ -512,7 +548,7 @@ def run_case(name: str, shape: Shape, n_threads: int, seed: int = 0, **timing) -
 
 
 def speedups(results):
-    """Fill the speed-ups of each result from the other rows of the same run.
+    """Fill the speed-ups (ratios of median times) of each result from the other rows of the same run.
 
     ``speedup``: over the matmul-only dense FF (activation not timed) with the
     tree's neuron count, at the same batch, depth, width, dtype and thread
@@ -525,20 +561,20 @@ def speedups(results):
     tree, bert, one = {}, {}, {}
     for r in results:
         if r.n_threads == 1:
-            one[(r.kernel,) + key(r)[:-1]] = r.best_s
+            one[(r.kernel,) + key(r)[:-1]] = r.time_s
         if r.family == "dense" and not r.activation_timed:
             if r.n_neurons == 2 ** (r.depth + 1) - 1:
-                tree[key(r)] = r.best_s
+                tree[key(r)] = r.time_s
             if r.n_neurons == BERT_BASE_NEURONS:
-                bert[key(r)] = r.best_s
+                bert[key(r)] = r.time_s
     for r in results:
         if key(r) in tree:
-            r.speedup = tree[key(r)] / r.best_s
+            r.speedup = tree[key(r)] / r.time_s
         if key(r) in bert:
-            r.speedup_bert = bert[key(r)] / r.best_s
+            r.speedup_bert = bert[key(r)] / r.time_s
         k1 = (r.kernel,) + key(r)[:-1]
         if r.n_threads > 1 and k1 in one:
-            r.speedup_vs_1t = one[k1] / r.best_s
+            r.speedup_vs_1t = one[k1] / r.time_s
     return results
 
 

@@ -372,3 +372,22 @@ def test_dense_gelu_without_scipy_is_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.special", None)  # import scipy.special -> ImportError
     with pytest.raises(B.Unavailable, match="SciPy"):
         B.prepare("dense_gelu", B.Workload(TINY), 1)
+
+
+def test_workload_cycles_through_distinct_inputs():
+    work = B.Workload(B.Shape(batch=1000, depth=1, width=4))
+    assert len(work.inputs) == -(-B.POOL_TOKENS // 1000)
+    seen = [work.next_x() for _ in range(len(work.inputs) + 1)]
+    assert seen[-1] is seen[0] and work.last_x is seen[-1]
+    assert all(not np.array_equal(a, b) for a, b in zip(seen, seen[1:-1]))
+    assert all(x.shape == (1000, 4) and x.flags.c_contiguous for x in seen)
+    assert len(B.Workload(B.Shape(batch=B.POOL_TOKENS, depth=1, width=4)).inputs) == 1
+
+
+@pytest.mark.parametrize("name", ["pyfff", "numpy_ref", "dense"])
+def test_checks_judge_the_output_of_the_last_input(name):
+    prep = B.prepare(name, B.Workload(TINY), 1)
+    first = prep.run().copy()
+    last = prep.run()
+    assert prep.check(last).correct
+    assert not prep.check(first).correct  # the first call's output belongs to another input
