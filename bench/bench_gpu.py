@@ -44,22 +44,25 @@ DEPTH = 11
 DENSE_NEURONS = 2 ** (DEPTH + 1) - 1
 BATCHES = (1, 2048, 16384)
 
-# name -> keyword arguments of pyfff.gpu.FFF._run (splits, sort_output, prefetch); None: the public call
-# layer(x) with the layer's defaults for the batch. prefetch bits: 1 next token's x into L2, 2 children rows
-# into L1.
+# name -> keyword arguments of pyfff.gpu.FFF._run (splits, sort_output, variant); None: the public call
+# layer(x) with the layer's defaults for the batch. Variant: R / G tokens per warp of fff_route / fff_output,
+# and their threads per block.
+_R1, _R2 = {"route_tokens": 1, "route_block": 256}, {"route_tokens": 2, "route_block": 256}
+_G1, _G4 = {"out_tokens": 1, "out_block": 256}, {"out_tokens": 4, "out_block": 256}
+_BIG = {"route_tokens": 1, "route_block": 768, "out_tokens": 4, "out_block": 768}
 FFF_SCHEDULES = {
     "pyfff_gpu": None,
-    "pyfff_gpu[direct,pf0]": {"splits": (), "sort_output": False, "prefetch": 0},
-    "pyfff_gpu[direct,pf3]": {"splits": (), "sort_output": False, "prefetch": 3},
-    "pyfff_gpu[leafsort,pf3]": {"splits": (), "sort_output": True, "prefetch": 3},
-    "pyfff_gpu[split6,pf0]": {"splits": (6,), "sort_output": True, "prefetch": 0},
-    "pyfff_gpu[split6,pf1]": {"splits": (6,), "sort_output": True, "prefetch": 1},
-    "pyfff_gpu[split6,pf2]": {"splits": (6,), "sort_output": True, "prefetch": 2},
-    "pyfff_gpu[split6,pf3]": {"splits": (6,), "sort_output": True, "prefetch": 3},
-    "pyfff_gpu[split4,pf3]": {"splits": (4,), "sort_output": True, "prefetch": 3},
-    "pyfff_gpu[split8,pf3]": {"splits": (8,), "sort_output": True, "prefetch": 3},
-    "pyfff_gpu[split6,nosortout,pf3]": {"splits": (6,), "sort_output": False, "prefetch": 3},
+    "direct,R1,G1": {"splits": (), "sort_output": False, "variant": {**_R1, **_G1}},
+    "direct,R2,G1": {"splits": (), "sort_output": False, "variant": {**_R2, **_G1}},
+    "leafsort,R1,G1": {"splits": (), "sort_output": True, "variant": {**_R1, **_G1}},
+    "leafsort,R2,G4": {"splits": (), "sort_output": True, "variant": {**_R2, **_G4}},
+    "split6,R1,G1": {"splits": (6,), "sort_output": True, "variant": {**_R1, **_G1}},
+    "split6,R2,G1": {"splits": (6,), "sort_output": True, "variant": {**_R2, **_G1}},
+    "split6,R2,G4": {"splits": (6,), "sort_output": True, "variant": {**_R2, **_G4}},
+    "split6,768-blocks,G4": {"splits": (6,), "sort_output": True, "variant": _BIG},
+    "split4,R2,G4": {"splits": (4,), "sort_output": True, "variant": {**_R2, **_G4}},
 }
+FFF_SCHEDULES = {k if v is None else f"pyfff_gpu[{k}]": v for k, v in FFF_SCHEDULES.items()}
 
 NOMINAL_HBM = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12}
 
@@ -243,9 +246,10 @@ def bench(batches=BATCHES, *, schedules=FFF_SCHEDULES, with_baselines=True, targ
 
 
 def markdown(result):
-    lines = [f"GPU: {result['machine']['gpu']}, CuPy {result['machine']['cupy']}, CUDA runtime "
-             f"{result['machine']['cuda_runtime']}, driver {result['machine']['cuda_driver']}; width {result['width']}, "
-             f"depth {result['depth']}, float32; measured copy bandwidth {result['copy_bw'] / 1e9:.0f} GB/s",
+    m = result["machine"]
+    lines = [f"GPU: {m['gpu']}, CuPy {m['cupy']}, CUDA runtime {m['cuda_runtime']}, driver {m['cuda_driver']}; "
+             f"width {result['width']}, depth {result['depth']}, float32; measured copy bandwidth "
+             f"{result['copy_bw'] / 1e9:.0f} GB/s",
              "",
              "| batch | implementation | best us | median us | host us/call | vs dense | vs warp baseline | GB/s | "
              "% of copy bw | correct (ties) |",

@@ -277,6 +277,32 @@ def test_schedules_deep_tree(splits, sort_output, dtype):
     check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
 
 
+VARIANTS = [
+    {"route_tokens": 1, "route_block": 256, "out_tokens": 1, "out_block": 256},
+    {"route_tokens": 2, "route_block": 256, "out_tokens": 4, "out_block": 256},
+    {"route_tokens": 1, "route_block": 768, "out_tokens": 4, "out_block": 768},
+    {"route_tokens": 2, "route_block": 256, "out_tokens": 1, "out_block": 768},
+]
+
+
+@requires_gpu
+@pytest.mark.parametrize("variant", VARIANTS,
+                         ids=lambda v: "R{route_tokens}x{route_block}-G{out_tokens}x{out_block}".format(**v))
+@pytest.mark.parametrize("splits,sort_output", [((), False), ((), True), ((3,), True)])
+@pytest.mark.parametrize("dtype,d_in,d_out", [(np.float32, 768, 768), (np.float32, 17, 9), (np.float64, 40, 30),
+                                              (np.float64, 1100, 7)])
+def test_kernel_variants(variant, splits, sort_output, dtype, d_in, d_out):
+    """Every compiled (tokens per warp, block size) pair, on odd batches (partial groups of tokens)."""
+    import cupy as cp
+
+    cpu, gpu = make_layer(d_in, d_out, depth=6, n_trees=2, dtype=dtype, seed=d_in)
+    for batch in (1, 5, 1001):
+        x = make_x(batch, d_in, dtype, seed=batch)
+        y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, sort_output=sort_output,
+                                 variant=variant)
+        check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
+
+
 @requires_gpu
 def test_bad_schedule():
     import cupy as cp
@@ -286,6 +312,9 @@ def test_bad_schedule():
     for splits in [(0,), (6,), (3, 2), (2, 2)]:
         with pytest.raises(ValueError, match="splits"):
             gpu._run(x, want_output=True, splits=splits, sort_output=True)
+    for variant in ({"route_tokens": 2, "route_block": 768}, {"out_tokens": 3}, {"threads": 1}):
+        with pytest.raises(ValueError, match="variant"):
+            gpu._run(x, want_output=True, variant=variant)
 
 
 @requires_gpu

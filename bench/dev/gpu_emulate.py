@@ -58,8 +58,7 @@ def _arr(a):
 
 def _route(grid, block, args):
     (x, n, d_in, w_in, b_in, has_bias, n_trees, depth, tree, lo, hi, order, use_order, nodes, logits,
-     key_level, keys, counts, prefetch) = args
-    assert prefetch in (0, 1, 2, 3)
+     key_level, keys, counts) = args
     x, w_in, b_in, order, nodes, logits, keys, counts = map(_arr, (x, w_in, b_in, order, nodes, logits, keys, counts))
     n_nodes = 2 ** (depth + 1) - 1
     n, size = int(n), int(n) * n_trees * (depth + 1)
@@ -191,7 +190,8 @@ def fake_cupy():
 
     attrs = {16: 132, 39: 2048, 82: 65536}
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceGetAttribute=lambda a, d: attrs[a])
-    driver = types.SimpleNamespace(funcSetAttribute=lambda f, attr, value: None)
+    driver = types.SimpleNamespace(funcSetAttribute=lambda f, attr, value: None,
+                                   funcGetAttribute=lambda attr, f: 80)
     cp.cuda = types.SimpleNamespace(Device=Device, runtime=runtime, driver=driver,
                                     get_current_stream=lambda: types.SimpleNamespace(ptr=0))
     return cp

@@ -20,10 +20,12 @@ import pyfff
 import pyfff.gpu
 
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
-    "split6,pf3": {"splits": (6,), "sort_output": True, "prefetch": 3},
-    "split6,pf0": {"splits": (6,), "sort_output": True, "prefetch": 0},
-    "direct,pf0": {"splits": (), "sort_output": False, "prefetch": 0},
-    "leafsort,pf3": {"splits": (), "sort_output": True, "prefetch": 3},
+    "split6,R1,G1": {"splits": (6,), "sort_output": True,
+                     "variant": {"route_tokens": 1, "route_block": 256, "out_tokens": 1, "out_block": 256}},
+    "split6,R2,G4": {"splits": (6,), "sort_output": True,
+                     "variant": {"route_tokens": 2, "route_block": 256, "out_tokens": 4, "out_block": 256}},
+    "direct,R2,G1": {"splits": (), "sort_output": False,
+                     "variant": {"route_tokens": 2, "route_block": 256, "out_tokens": 1, "out_block": 256}},
 }
 
 

@@ -3,7 +3,7 @@
 Run: compute-sanitizer --tool memcheck --error-exitcode 3 python bench/dev/gpu_sanitize.py
 (and --tool racecheck for the shared-memory scan of fff_bucket_scatter). Batches that are not
 multiples of a block or of the scatter tile, widths that force the scalar-load path, depth 0,
-depth 13 (4096 buckets), several trees, both dtypes and every schedule: any out-of-bounds
+depth 13 (4096 buckets), several trees, both dtypes, every schedule and kernel variant: any out-of-bounds
 access or race shows up as a sanitizer error. Results are checked for finiteness only; the
 reference comparison is tests/test_gpu.py's job.
 """
@@ -25,6 +25,11 @@ CASES = [
     (1025, 64, 48, 7, 2, np.float64),
 ]
 SCHEDULES = [((), False), ((), True), ("mid", True), ("mid", False)]
+VARIANTS = [  # (tokens per warp, threads per block) of fff_route and fff_output
+    {"route_tokens": 1, "route_block": 256, "out_tokens": 1, "out_block": 256},
+    {"route_tokens": 2, "route_block": 256, "out_tokens": 4, "out_block": 256},
+    {"route_tokens": 1, "route_block": 768, "out_tokens": 4, "out_block": 768},
+]
 
 
 def main():
@@ -33,10 +38,10 @@ def main():
         cpu = pyfff.FFF.random(d_in, d_out, depth, n_trees=n_trees, dtype=dtype, seed=batch)
         gpu = pyfff.gpu.FFF.from_cpu(cpu)
         x = cp.asarray(np.random.default_rng(batch).standard_normal((batch, d_in)).astype(dtype))
-        for splits, sort_output in SCHEDULES:
+        for (splits, sort_output), variant in ((s, v) for s in SCHEDULES for v in VARIANTS):
             if splits == "mid":
                 splits = (min(max(depth // 2, 1), 12),) if depth >= 1 else ()
-            y, (nodes, _) = gpu._run(x, want_output=True, splits=splits, sort_output=sort_output)
+            y, (nodes, _) = gpu._run(x, want_output=True, splits=splits, sort_output=sort_output, variant=variant)
             assert bool(cp.isfinite(y).all()), (batch, d_in, d_out, depth, splits)
             assert int(nodes.min()) >= 0 and int(nodes.max()) < gpu.n_nodes
             n_runs += 1

@@ -34,20 +34,21 @@ __all__ = ["FFF"]
 _ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}  # PYFFF_ACT_* in kernels/fff.cu
 _KERNEL_FILE = "fff.cu"
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-_BLOCK = 768  # PYFFF_BLOCK: fff_route / fff_output run one block of 24 warps per SM
 _SCATTER_THREADS = 256  # PYFFF_SCATTER_THREADS
 _SCATTER_TOKENS = 256 * 2  # PYFFF_SCATTER_THREADS * PYFFF_SCATTER_ITEMS
 _MAX_KEY_LEVEL = 12  # PYFFF_MAX_BUCKETS = 2**12
 _INT32_MAX = 2**31 - 1
-_PREFETCH_NEXT_X, _PREFETCH_CHILDREN = 1, 2  # PYFFF_PREFETCH_* bits of fff_route
 
 # Schedule defaults (see bench/bench_gpu.py and docs/gpu.md for the measurements behind them).
 _SORT_MIN_BATCH = 1024  # below this many tokens: no sorting at all
 _SPLIT_MIN_DEPTH = 4  # trees at least this deep are re-sorted once, at the middle level
-_PREFETCH = _PREFETCH_NEXT_X | _PREFETCH_CHILDREN
+# Kernel variants: tokens per warp and threads per block of fff_route (R = 1: 256 or 768 threads; R = 2:
+# 256) and of fff_output (G = 1 or 4; 256 or 768 threads).
+_VARIANT = {"route_tokens": 1, "route_block": 256, "out_tokens": 1, "out_block": 256}
 _MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
 
 _ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
+_FUNC_ATTR_NUM_REGS = 4  # CU_FUNC_ATTRIBUTE_NUM_REGS
 _FUNC_ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 
 
@@ -107,6 +108,17 @@ def _ptr(arr):
     return ctypes.c_void_p(arr.data.ptr)
 
 
+def _grid(kernel, block, n_items, device_id):
+    """Blocks for ``n_items`` warps' worth of work: at most what fits on the device at once (one contiguous
+    chunk of positions per block), at least one."""
+    cp = _cupy()
+    regs = cp.cuda.driver.funcGetAttribute(_FUNC_ATTR_NUM_REGS, kernel.kernel.ptr)
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    per_sm = max(1, min(2048 // block, 65536 // (regs_per_warp * (block // 32))))
+    n_sm = cp.cuda.runtime.deviceGetAttribute(_ATTR_SM_COUNT, device_id)
+    return max(1, min(-(-n_items // (block // 32)), per_sm * n_sm))
+
+
 class _Plan:
     """Workspaces and prepared launches for one batch size, schedule and stream of one layer.
 
@@ -115,7 +127,7 @@ class _Plan:
     histograms and enqueues the launches. Not safe for concurrent calls from several host threads.
     """
 
-    def __init__(self, layer, n, vec_in, want_output, splits, sort_output, prefetch):
+    def __init__(self, layer, n, vec_in, want_output, splits, sort_output, variant):
         cp = _cupy()
         levels = layer.depth + 1
         self.nodes = cp.empty((n, layer.n_trees, levels), dtype=cp.int32)
@@ -126,9 +138,9 @@ class _Plan:
         self.x_arg = ctypes.c_void_p(0)
         self.y_arg = ctypes.c_void_p(0)
         self._keep = [keys]  # buffers referenced only by launch arguments
-        n_sm = _cupy().cuda.runtime.deviceGetAttribute(_ATTR_SM_COUNT, layer.device_id)
-        grid = max(1, min(-(-n // (_BLOCK // 32)), n_sm))  # one block per SM, one chunk of positions each
-        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}>")
+        r_tokens, r_block = variant["route_tokens"], variant["route_block"]
+        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {r_tokens}>")
+        route_grid = _grid(route, r_block, -(-n // r_tokens), layer.device_id)
         scatter = _kernel("fff_bucket_scatter")
         dummy = layer._dummy
         has_bias = layer.b_in is not None
@@ -150,12 +162,11 @@ class _Plan:
                 else:
                     key_level = -1
                 counts = self.work[i_sort, 0] if key_level >= 0 else dummy
-                self.launches.append(_Launch(route, grid, _BLOCK, [
+                self.launches.append(_Launch(route, route_grid, r_block, [
                     self.x_arg, i64(n), i32(layer.d_in), _ptr(layer.w_in), _ptr(b_in), i32(has_bias),
                     i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi),
                     _ptr(dummy if order is None else order), i32(order is not None),
-                    _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts),
-                    i32(prefetch)]))
+                    _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts)]))
                 if key_level >= 0:
                     perm = cp.empty(n, dtype=cp.int32)
                     self._keep.append(perm)
@@ -169,8 +180,10 @@ class _Plan:
                         order = perm
         if want_output:
             vec_out = 16 // layer.dtype.itemsize if layer.d_out % (16 // layer.dtype.itemsize) == 0 else 1
-            output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>")
-            self.launches.append(_Launch(output, grid, _BLOCK, [
+            g_tokens, g_block = variant["out_tokens"], variant["out_block"]
+            output = _kernel(f"fff_output<{layer._ctype}, {vec_out}, {g_tokens}>")
+            out_grid = _grid(output, g_block, -(-n // g_tokens), layer.device_id)
+            self.launches.append(_Launch(output, out_grid, g_block, [
                 _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
                 i32(layer.n_trees), i32(layer.depth), i32(layer._act),
                 _ptr(dummy if out_order is None else out_order), i32(out_order is not None), self.y_arg]))
@@ -183,6 +196,19 @@ class _Plan:
             self.work.data.memset_async(0, self.work.nbytes)
         for launch in self.launches:
             _launch(launch, stream_ptr)
+
+
+def _check_variant(variant):
+    """``_VARIANT`` updated with ``variant``; ValueError for combinations that are not compiled."""
+    merged = dict(_VARIANT)
+    merged.update(variant or {})
+    if set(merged) != set(_VARIANT):
+        raise ValueError(f"unknown variant keys {sorted(set(merged) - set(_VARIANT))}")
+    ok = ((merged["route_tokens"], merged["route_block"]) in ((1, 256), (1, 768), (2, 256))
+          and merged["out_tokens"] in (1, 4) and merged["out_block"] in (256, 768))
+    if not ok:
+        raise ValueError(f"no compiled kernels for variant {merged}")
+    return merged
 
 
 class FFF:
@@ -326,12 +352,12 @@ class FFF:
             raise ValueError(f"splits must be increasing levels in 1..{top}, got {splits}")
         return splits, bool(sort_output)
 
-    def _run(self, x2, *, want_output, splits=None, sort_output=None, prefetch=None):
+    def _run(self, x2, *, want_output, splits=None, sort_output=None, variant=None):
         """Run the pipeline on a (n, d_in) CuPy array; returns (y or None, (nodes, logits)).
 
         ``splits`` (levels at which the tokens are re-sorted by their node there), ``sort_output`` (whether
-        ``y`` is formed in leaf order) and ``prefetch`` (PYFFF_PREFETCH_* bits) default to
-        :meth:`_schedule` and ``_PREFETCH``; every choice gives the same results. ``nodes`` and ``logits``
+        ``y`` is formed in leaf order) and ``variant`` (kernel variants, keys of ``_VARIANT``) default to
+        :meth:`_schedule` and ``_VARIANT``; every choice gives the same results. ``nodes`` and ``logits``
         are workspaces of the launch plan, overwritten by the next call with the same plan.
         """
         cp = _cupy()
@@ -340,7 +366,7 @@ class FFF:
         splits, sort_output = self._check_schedule(default_splits if splits is None else splits,
                                                    default_sort if sort_output is None else sort_output)
         sort_output = sort_output and want_output
-        prefetch = _PREFETCH if prefetch is None else int(prefetch)
+        variant = _check_variant(variant)
         y = cp.empty((n, self.d_out), dtype=self.dtype) if want_output else None
         if n == 0:
             levels = self.depth + 1
@@ -348,10 +374,10 @@ class FFF:
         vec = 16 // self.dtype.itemsize
         vec_in = vec if self.d_in % vec == 0 and x2.data.ptr % 16 == 0 else 1
         stream_ptr = cp.cuda.get_current_stream().ptr
-        key = (n, vec_in, want_output, splits, sort_output, prefetch, stream_ptr)
+        key = (n, vec_in, want_output, splits, sort_output, tuple(sorted(variant.items())), stream_ptr)
         plan = self._plans.get(key)
         if plan is None:
-            plan = _Plan(self, n, vec_in, want_output, splits, sort_output, prefetch)
+            plan = _Plan(self, n, vec_in, want_output, splits, sort_output, variant)
             self._plans[key] = plan
             while len(self._plans) > _MAX_PLANS:
                 self._plans.popitem(last=False)

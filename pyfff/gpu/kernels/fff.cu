@@ -1,15 +1,15 @@
 // pyfff's CUDA kernels for fast feedforward (FFF) inference.
 //
 // Loaded by pyfff/gpu/_loader.py with cupy.RawModule (NVRTC, C++17); the
-// templates are instantiated through name expressions, one per dtype and
-// vector width:
+// templates are instantiated through name expressions, one per dtype, vector
+// width and tokens per warp:
 //
-//   fff_route<T, VEC>    one warp per token walks levels [lo, hi) of one tree,
-//                        stores the visited node and its logit per level and,
-//                        optionally, the token's bucket key for a re-sort.
-//   fff_bucket_scatter   counting sort of the tokens by that key (extern "C").
-//   fff_output<T, VEC>   one warp per token: y = sum over trees and levels of
-//                        act(logit) * w_out[row], written once.
+//   fff_route<T, VEC, R>   one warp per R tokens walks levels [lo, hi) of one
+//                          tree, stores the visited node and its logit per
+//                          level and, optionally, the token's bucket key.
+//   fff_bucket_scatter     counting sort of the tokens by that key (extern "C").
+//   fff_output<T, VEC, G>  one warp per G tokens: y = sum over trees and levels
+//                          of act(logit) * w_out[row], written once.
 //
 // T is float or double; VEC is the number of T per load (16 bytes: 4 floats or
 // 2 doubles, or 1 when a width or a pointer does not allow 16-byte loads; the
@@ -33,16 +33,10 @@
 #define PYFFF_MAX_BUCKETS 4096
 #define PYFFF_SCATTER_THREADS 256
 #define PYFFF_SCATTER_ITEMS 2
-// fff_route / fff_output run one block of 768 threads (24 warps) per SM: all warps of an SM then work
-// on one contiguous chunk of positions, so one L1 serves the rows of one subtree.
-#define PYFFF_BLOCK 768
-// fff_output: tokens per warp (neighbours in leaf order share rows: one load serves them all) and
-// VEC-vectors per lane per column chunk.
-#define PYFFF_OUT_TOKENS 4
+// Largest block of fff_route (one token per warp) and fff_output; the host launches 256 or 768 threads.
+#define PYFFF_MAX_BLOCK 768
+// fff_output: VEC-vectors per lane per column chunk.
 #define PYFFF_OUT_VECS 2
-
-#define PYFFF_PREFETCH_NEXT_X 1     // fff_route: prefetch the next token's row of x into L2
-#define PYFFF_PREFETCH_CHILDREN 2   // fff_route: prefetch both children's rows of w_in into L1
 
 #define PYFFF_ACT_GELU 0
 #define PYFFF_ACT_GELU_TANH 1
@@ -101,22 +95,6 @@ __device__ __forceinline__ void store_vec<double, 1>(double* __restrict__ p, con
 
 // ---------------------------------------------------------------- math
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-    #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(PYFFF_FULL_MASK, v, offset);
-    return v;
-}
-
-// Prefetch the 128-byte lines of [p, p + n_bytes) into L1 (to_l1) or L2, spread over the lanes of a warp.
-__device__ __forceinline__ void prefetch_lines(const void* p, long long n_bytes, int lane, bool to_l1) {
-    const char* c = static_cast<const char*>(p);
-    for (long long b = (long long)lane * 128; b < n_bytes; b += 32 * 128) {
-        if (to_l1) asm volatile("prefetch.global.L1 [%0];" :: "l"(c + b));
-        else asm volatile("prefetch.global.L2 [%0];" :: "l"(c + b));
-    }
-}
-
 __device__ __forceinline__ float activation(float z, int act) {
     if (act == PYFFF_ACT_GELU) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
     if (act == PYFFF_ACT_GELU_TANH)
@@ -160,16 +138,17 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
 // fff_bucket_scatter those are tokens of the same subtree, whose rows the
 // block then reads from L1. Token of position p: order[p] if use_order else p.
 //
+// A warp walks R neighbouring tokens together: their row loads, dot products
+// and shuffle reductions are independent, so their latencies overlap (a walk is
+// a chain of dependent loads). R = 1 runs up to PYFFF_MAX_BLOCK threads; R = 2
+// holds twice the registers and runs 256-thread blocks, two per SM.
+//
 // lo > 0 continues a walk: the start node is the child chosen by the node and
 // logit stored at level lo - 1. key_level in [lo, hi] (or -1: none) names the
 // level whose node becomes the token's bucket key (key_level == hi: the next
 // node to visit); keys[tok] = node - (2**key_level - 1) and counts[key] += 1.
-// prefetch (PYFFF_PREFETCH_* bits) hides latency: the walk of a token is a chain
-// of dependent row loads, so while a level's dot product is reduced, the rows of
-// both children (adjacent in memory) are fetched into L1, and while a token is
-// walked, the next token's x is fetched into L2.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(PYFFF_BLOCK, 1) fff_route(
+template <typename T, int VEC, int R>
+__global__ void __launch_bounds__(R == 1 ? PYFFF_MAX_BLOCK : 256, R == 1 ? 1 : 2) fff_route(
     const T* __restrict__ x,         // IN  (n, d_in)
     const long long n,
     const int d_in,                  // multiple of VEC
@@ -187,8 +166,7 @@ __global__ void __launch_bounds__(PYFFF_BLOCK, 1) fff_route(
     T* __restrict__ logits,          // IN/OUT (n, n_trees, depth + 1)
     const int key_level,
     int* __restrict__ keys,          // OUT (n,), written only if key_level >= 0
-    int* __restrict__ counts,        // IN/OUT (2**key_level,) histogram of keys
-    const int prefetch)
+    int* __restrict__ counts)        // IN/OUT (2**key_level,) histogram of keys
 {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -198,77 +176,94 @@ __global__ void __launch_bounds__(PYFFF_BLOCK, 1) fff_route(
     const long long n_nodes = (2LL << depth) - 1;
     const PositionRange range = block_positions(n);
 
-    for (long long p = range.begin + warp; p < range.end; p += n_warps) {  // warp-uniform
-        const long long tok = token_at(order, use_order, p, n);
-        if (tok < 0) continue;
-        const T* __restrict__ xt = x + tok * d_in;
-        if (prefetch & PYFFF_PREFETCH_NEXT_X) {
-            const long long p_next = p + n_warps;
-            const long long tok_next = p_next < range.end ? token_at(order, use_order, p_next, n) : -1;
-            if (tok_next >= 0) prefetch_lines(x + tok_next * d_in, (long long)d_in * sizeof(T), lane, false);
-        }
-
-        // The token's row stays in registers for all levels (first PYFFF_MAXV vectors per lane).
-        T xr[PYFFF_MAXV][VEC];
+    for (long long p0 = range.begin + (long long)warp * R; p0 < range.end; p0 += (long long)n_warps * R) {
+        long long tok[R];  // warp-uniform; -1: empty slot
         #pragma unroll
-        for (int j = 0; j < PYFFF_MAXV; ++j) {
-            const int v = lane + 32 * j;
-            if (v < nvec) {
-                load_vec<true>(xt + (long long)v * VEC, xr[j]);
-            } else {
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
-            }
-        }
+        for (int r = 0; r < R; ++r) tok[r] = (p0 + r < range.end) ? token_at(order, use_order, p0 + r, n) : -1;
 
-        const long long base = (tok * n_trees + tree) * levels;
-        long long node = 0;
-        if (lo > 0) node = 2LL * nodes[base + lo - 1] + 1 + (logits[base + lo - 1] > T(0) ? 1 : 0);
-        long long key_node = 0;
-
-        for (int level = lo; level < hi; ++level) {
-            const long long row = (long long)tree * n_nodes + node;
-            const T* __restrict__ w = w_in + row * d_in;
-            if ((prefetch & PYFFF_PREFETCH_CHILDREN) && level < depth)  // rows 2n+1, 2n+2 are adjacent
-                prefetch_lines(w_in + (row + node + 1) * d_in, 2LL * d_in * sizeof(T), lane, true);
-            T acc[VEC];
-            #pragma unroll
-            for (int c = 0; c < VEC; ++c) acc[c] = T(0);
+        // Each token's row of x stays in registers for all levels (first PYFFF_MAXV vectors per lane).
+        T xr[R][PYFFF_MAXV][VEC];
+        long long node[R], base[R], key_node[R];
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
             #pragma unroll
             for (int j = 0; j < PYFFF_MAXV; ++j) {
                 const int v = lane + 32 * j;
-                if (v < nvec) {
-                    T wv[VEC];
-                    load_vec<false>(w + (long long)v * VEC, wv);
+                if (tok[r] >= 0 && v < nvec) {
+                    load_vec<true>(x + tok[r] * d_in + (long long)v * VEC, xr[r][j]);
+                } else {
                     #pragma unroll
-                    for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[j][c], acc[c]);
+                    for (int c = 0; c < VEC; ++c) xr[r][j][c] = T(0);
                 }
             }
-            for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the register cache
-                T wv[VEC], xv[VEC];
-                load_vec<false>(w + (long long)v * VEC, wv);
-                load_vec<false>(xt + (long long)v * VEC, xv);
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
-            }
-            T s = acc[0];
-            #pragma unroll
-            for (int c = 1; c < VEC; ++c) s += acc[c];
-            T z = __shfl_sync(PYFFF_FULL_MASK, warp_sum(s), 0);
-            if (has_bias) z += __ldg(b_in + row);
-            if (lane == 0) {
-                nodes[base + level] = (int)node;
-                logits[base + level] = z;
-            }
-            if (level == key_level) key_node = node;
-            node = 2 * node + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
+            base[r] = tok[r] >= 0 ? (tok[r] * n_trees + tree) * levels : 0;
+            node[r] = 0;
+            if (lo > 0 && tok[r] >= 0)
+                node[r] = 2LL * nodes[base[r] + lo - 1] + 1 + (logits[base[r] + lo - 1] > T(0) ? 1 : 0);
+            key_node[r] = 0;
         }
-        if (key_level == hi) key_node = node;
-        if (key_level >= 0 && lane == 0) {
-            const long long key = key_node - ((1LL << key_level) - 1);
-            if (key >= 0 && key < (1LL << key_level)) {
-                keys[tok] = (int)key;
-                atomicAdd(counts + key, 1);
+
+        for (int level = lo; level < hi; ++level) {
+            T s[R];
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                T acc[VEC];
+                #pragma unroll
+                for (int c = 0; c < VEC; ++c) acc[c] = T(0);
+                if (tok[r] >= 0) {  // warp-uniform
+                    const T* __restrict__ w = w_in + ((long long)tree * n_nodes + node[r]) * d_in;
+                    const T* __restrict__ xt = x + tok[r] * d_in;
+                    #pragma unroll
+                    for (int j = 0; j < PYFFF_MAXV; ++j) {
+                        const int v = lane + 32 * j;
+                        if (v < nvec) {
+                            T wv[VEC];
+                            load_vec<false>(w + (long long)v * VEC, wv);
+                            #pragma unroll
+                            for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[r][j][c], acc[c]);
+                        }
+                    }
+                    for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the cache
+                        T wv[VEC], xv[VEC];
+                        load_vec<false>(w + (long long)v * VEC, wv);
+                        load_vec<false>(xt + (long long)v * VEC, xv);
+                        #pragma unroll
+                        for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
+                    }
+                }
+                s[r] = acc[0];
+                #pragma unroll
+                for (int c = 1; c < VEC; ++c) s[r] += acc[c];
+            }
+            #pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) {  // the R reductions interleaved
+                #pragma unroll
+                for (int r = 0; r < R; ++r) s[r] += __shfl_xor_sync(PYFFF_FULL_MASK, s[r], offset);
+            }
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (tok[r] < 0) continue;  // warp-uniform
+                const long long row = (long long)tree * n_nodes + node[r];
+                T z = __shfl_sync(PYFFF_FULL_MASK, s[r], 0);
+                if (has_bias) z += __ldg(b_in + row);
+                if (lane == 0) {
+                    nodes[base[r] + level] = (int)node[r];
+                    logits[base[r] + level] = z;
+                }
+                if (level == key_level) key_node[r] = node[r];
+                node[r] = 2 * node[r] + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
+            }
+        }
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (tok[r] < 0) continue;
+            if (key_level == hi) key_node[r] = node[r];
+            if (key_level >= 0 && lane == 0) {
+                const long long key = key_node[r] - ((1LL << key_level) - 1);
+                if (key >= 0 && key < (1LL << key_level)) {
+                    keys[tok[r]] = (int)key;
+                    atomicAdd(counts + key, 1);
+                }
             }
         }
     }
@@ -359,14 +354,14 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
 // y[tok] = sum over trees t and levels l of act(logits[tok, t, l]) * w_out[t * n_nodes + nodes[tok, t, l]],
 // summed in that order (trees outer, levels inner, like the NumPy reference), written once.
 //
-// A warp takes PYFFF_OUT_TOKENS neighbouring positions at a time. In leaf order
+// A warp takes G neighbouring positions at a time. In leaf order
 // (from fff_bucket_scatter) neighbours sit on the same node at most levels, and
 // equal nodes are adjacent, so a row chunk loaded for one token is reused from
 // registers by the next ones while their node is the same. Each lane computes one
 // term's node and activation per token, broadcast with shuffles; columns go in
 // chunks of 32 * PYFFF_OUT_VECS vectors held in registers.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(PYFFF_BLOCK, 1) fff_output(
+template <typename T, int VEC, int G>
+__global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const int* __restrict__ nodes,   // IN  (n, n_trees, depth + 1)
     const T* __restrict__ logits,    // IN  (n, n_trees, depth + 1)
     const long long n,
@@ -379,7 +374,6 @@ __global__ void __launch_bounds__(PYFFF_BLOCK, 1) fff_output(
     const int use_order,
     T* __restrict__ y)               // OUT (n, d_out)
 {
-    constexpr int G = PYFFF_OUT_TOKENS;
     constexpr int J = PYFFF_OUT_VECS;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
