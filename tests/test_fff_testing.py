@@ -161,3 +161,17 @@ def test_logit_tolerance_scales_with_terms_and_eps():
     np.testing.assert_allclose(logit_tolerance(x, w, b), [2 * 3 * eps * 2, 2 * 3 * eps * (1.5 + 4 + 4)])
     np.testing.assert_allclose(logit_tolerance(x.astype(np.float64), w, None),
                                [2 * 3 * np.finfo(np.float64).eps * 2, 2 * 3 * np.finfo(np.float64).eps * 5.5])
+
+
+def test_global_random_seed_parsing():
+    from conftest import DEFAULT_SEED, _parse_seeds
+
+    assert _parse_seeds(None) == _parse_seeds("") == [DEFAULT_SEED]
+    assert _parse_seeds("all") == list(range(100))
+    assert _parse_seeds("7") == [7]
+    assert _parse_seeds("3-5,9") == [3, 4, 5, 9]
+    (seed,) = _parse_seeds("any")
+    assert 0 <= seed <= 99
+    for bad in ("100", "x", "5-3x", "-1"):
+        with pytest.raises(pytest.UsageError):
+            _parse_seeds(bad)
