@@ -94,6 +94,10 @@ def add_parser(subparsers):
     p.add_argument("--star-depth", type=int, default=B.DEFAULT_DEPTH, help="depth of the batch sweep with --star")
     p.add_argument("--star-batch", type=int, default=2048, help="batch of the depth sweep with --star")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    p.add_argument("--pool-tokens", type=int, default=B.POOL_TOKENS, metavar="N",
+                   help=f"calls cycle through distinct inputs of at least N tokens in all (default {B.POOL_TOKENS}), "
+                        "so that no call finds its routes cache-hot from an identical call; 1: every call reuses "
+                        "one input (cache-hot, optimistic at small batches)")
     p.add_argument("--json", metavar="FILE", help="write the machine info and all results as JSON")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw time per token against depth and against batch (needs matplotlib: pip install "
@@ -112,7 +116,8 @@ def plan(args):
     dtypes = _flatten(args.dtype, ["float32"])
     kernels = _flatten(args.kernels, DEFAULT_KERNELS)
     checks = [("batch", batches, 1, None), ("depth", depths, 0, MAX_DEPTH), ("width", widths, 1, None),
-              ("threads", threads, 1, None), ("repeat", [args.repeat], 1, None)]
+              ("threads", threads, 1, None), ("repeat", [args.repeat], 1, None),
+              ("pool-tokens", [args.pool_tokens], 1, None)]
     if args.star:
         checks += [("star-depth", [args.star_depth], 0, MAX_DEPTH), ("star-batch", [args.star_batch], 1, None)]
     for name, values, low, high in checks:
@@ -156,7 +161,7 @@ def run_cases(args, cases):
         where = f"[{i}/{len(cases)}] {kernel} threads={n} batch={shape.batch} depth={shape.depth} " \
                 f"width={shape.width} {shape.dtype}"
         try:
-            work = B.Workload(shape, args.seed)
+            work = B.Workload(shape, args.seed, args.pool_tokens)
             prep = B.prepare(kernel, work, n)
         except B.Unavailable as exc:
             skipped.append(f"{kernel} ({shape.label}, {n} threads): {exc}")

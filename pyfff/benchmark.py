@@ -98,8 +98,9 @@ def _dense_weights(n_neurons, width, dtype, seed):
 class Workload:
     """The FFF layer, its inputs and the dense weights of one :class:`Shape`; all seeded.
 
-    ``inputs`` holds ``ceil(POOL_TOKENS / batch)`` distinct (batch, width)
-    inputs (one when the batch is at least ``POOL_TOKENS``); :meth:`next_x`
+    ``inputs`` holds ``ceil(pool_tokens / batch)`` distinct (batch, width)
+    inputs (one when the batch is at least ``pool_tokens``: then every call
+    sees the same tokens, cache-hot routes included); :meth:`next_x`
     cycles through them, so consecutive timed calls see new tokens, as in
     inference, and ``last_x`` is the input of the latest call (the one whose
     output is checked). ``x`` is the first input.
@@ -108,12 +109,12 @@ class Workload:
     batch sizes builds each layer once.
     """
 
-    def __init__(self, shape: Shape, seed: int = 0):
+    def __init__(self, shape: Shape, seed: int = 0, pool_tokens: int = POOL_TOKENS):
         self.shape = shape
         self.seed = seed
         self.layer = _layer(shape.width, shape.depth, shape.dtype, seed)
         rng = np.random.default_rng(seed + 1)
-        n_inputs = -(-POOL_TOKENS // shape.batch)  # ceil
+        n_inputs = max(1, -(-pool_tokens // shape.batch))  # ceil
         pool = rng.standard_normal((n_inputs, shape.batch, shape.width), dtype=np.float32).astype(shape.dtype)
         self.inputs = list(pool)  # C-contiguous (batch, width) views
         self.x = self.last_x = self.inputs[0]
@@ -539,9 +540,10 @@ def measure(prep: Prepared, **timing) -> tuple:
     return times, out, load.cores
 
 
-def run_case(name: str, shape: Shape, n_threads: int, seed: int = 0, **timing) -> Result:
-    """Prepare, time and check one implementation on one shape."""
-    work = Workload(shape, seed)
+def run_case(name: str, shape: Shape, n_threads: int, seed: int = 0, pool_tokens: int = POOL_TOKENS,
+             **timing) -> Result:
+    """Prepare, time and check one implementation on one shape (see :class:`Workload` for ``pool_tokens``)."""
+    work = Workload(shape, seed, pool_tokens)
     prep = prepare(name, work, n_threads)
     times, out, load = measure(prep, **timing)
     return result_from(prep, shape, times, prep.check(out), load)

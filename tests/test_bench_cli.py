@@ -261,6 +261,7 @@ def test_cli_bench_exit_status_1_when_an_output_is_wrong(monkeypatch, capsys):
     (["--depth", "25"], "in 0..24"),
     (["--repeat", "0"], "--repeat values must be >= 1"),
     (["--star", "--star-batch", "0"], "--star-batch"),
+    (["--pool-tokens", "0"], "--pool-tokens"),
 ])
 def test_cli_bench_bad_options(argv, message, capsys):
     assert main(CLI_TINY + argv) == 2
@@ -382,6 +383,8 @@ def test_workload_cycles_through_distinct_inputs():
     assert all(not np.array_equal(a, b) for a, b in zip(seen, seen[1:-1]))
     assert all(x.shape == (1000, 4) and x.flags.c_contiguous for x in seen)
     assert len(B.Workload(B.Shape(batch=B.POOL_TOKENS, depth=1, width=4)).inputs) == 1
+    hot = B.Workload(B.Shape(batch=3, depth=1, width=4), pool_tokens=1)  # one input, reused by every call
+    assert len(hot.inputs) == 1 and hot.next_x() is hot.next_x()
 
 
 @pytest.mark.parametrize("name", ["pyfff", "numpy_ref", "dense"])
