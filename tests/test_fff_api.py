@@ -253,3 +253,23 @@ def test_read_only_and_memory_mapped_weights(tmp_path, global_random_seed):
     for n_threads in (1, 2):
         np.testing.assert_array_equal(layer(x, n_threads=n_threads), layer0(x), strict=True)
     compare_with_reference(layer, x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pickle_and_deepcopy(global_random_seed, dtype):
+    """A layer survives pickle (multiprocessing, joblib) and copy.deepcopy.
+
+    Fails since d57f8d7: FFF holds a compiled ``_fff_cpu.BoundLayer``, which
+    Cython cannot pickle ("no default __reduce__ due to non-trivial
+    __cinit__"). Fix, in pyfff/fff.py: ``FFF.__reduce__`` returning
+    ``(_rebuild, (self.w_in, self.b_in, self.w_out, self.n_trees,
+    self.activation))`` with a module-level ``_rebuild`` that calls FFF(...).
+    """
+    import copy
+    import pickle
+
+    layer, x = random_layer_and_x(global_random_seed, 20, 9, 4, 3, n_trees=2, dtype=dtype, activation="relu")
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert repr(clone) == repr(layer)
+        np.testing.assert_array_equal(clone(x), layer(x), strict=True)
+        np.testing.assert_array_equal(clone.routes(x), layer.routes(x), strict=True)
