@@ -1,4 +1,7 @@
 """The public FFF API: constructors, attributes, shapes, dtypes, and the caller's arrays."""
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -265,9 +268,6 @@ def test_pickle_and_deepcopy(global_random_seed, dtype):
     ``(_rebuild, (self.w_in, self.b_in, self.w_out, self.n_trees,
     self.activation))`` with a module-level ``_rebuild`` that calls FFF(...).
     """
-    import copy
-    import pickle
-
     layer, x = random_layer_and_x(global_random_seed, 20, 9, 4, 3, n_trees=2, dtype=dtype, activation="relu")
     for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
         assert repr(clone) == repr(layer)
