@@ -79,7 +79,7 @@ def test_without_bias(global_random_seed, batch, d_in, d_out, depth, n_trees, dt
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_many_trees_and_threads_agree_with_single_trees(global_random_seed, dtype):
+def test_trees_add_up(global_random_seed, dtype):
     """An n-tree layer is the sum of its trees run as one-tree layers."""
     layer, x = random_layer_and_x(global_random_seed, 50, 21, 6, 4, n_trees=3, dtype=dtype)
     n = layer.n_nodes
