@@ -124,60 +124,95 @@ def softmax_(scores):
     return scores
 
 
-def _linear(x, weight, bias=None):
-    """``x @ weight.T + bias``: weight in (out, in) layout, read transposed by BLAS (no copy).
+def _linear(x, weight, bias=None, out=None):
+    """``x @ weight + bias`` with a kernel-ready weight in (in, out) layout.
 
     x : (N, in) -> (N, out)
     """
-    y = x @ weight.T                                          # (N, out)
+    y = np.matmul(x, weight, out=out)                         # (N, out)
     if bias is not None:
         y += bias
     return y
 
 
-def attention(h, p, prefix, B, S, n_heads, mask_add):
-    """Multi-head self-attention with the output projection.
+# --------------------------------------------------------------------------- threads
+# One pool of n_threads workers runs every parallel step of the forward pass: row blocks of
+# tokens for the per-token work (LayerNorm, projections, FFF, GELU) and (batch, head) groups for
+# attention. BLAS is limited to 1 thread around the whole call (once, by the caller) and the FFF
+# kernel gets n_threads=1 inside a worker, so exactly n_threads threads compute at any time: no
+# nested pools, no BLAS threads spinning while the OpenMP kernel runs (and vice versa), and one
+# synchronisation per step instead of one per BLAS call (attention alone makes B * NH small GEMMs).
+_POOLS = {}
 
-    Parameters
-    ----------
-    h : ndarray of shape (N, H), dtype=float32 (N = B * S, batch-major)
-    p : dict of kernel-ready parameters; ``prefix`` is ``"layers.i."``
-    mask_add : ndarray of shape (B, 1, 1, S), dtype=float32, or None
-        Additive score for padded keys (0 elsewhere); None: nothing masked.
 
-    Returns
-    -------
-    out : ndarray of shape (N, H), dtype=float32
+def _pool(n_workers):
+    if n_workers not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[n_workers] = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pyfff-encoder")
+    return _POOLS[n_workers]
+
+
+def _run(tasks, n_workers):
+    """Run ``tasks`` (callables), in the pool when there are several; exceptions propagate."""
+    if n_workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    for future in [_pool(n_workers).submit(task) for task in tasks]:
+        future.result()
+
+
+# below this many tokens per block the per-call overheads outweigh a second thread
+_MIN_ROWS = 16
+
+
+def _split(n, parts):
+    """``parts`` (at most n) contiguous slices covering range(n)."""
+    parts = max(1, min(parts, n))
+    return [slice(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+
+
+def _row_blocks(n_rows, n_workers):
+    """Contiguous token-row slices, one per worker (fewer when blocks would be tiny)."""
+    return _split(n_rows, min(n_workers, max(1, n_rows // _MIN_ROWS)))
+
+
+def _attention_groups(B, n_heads, n_workers):
+    """(batch slice, head slice) groups: whole sequences when the batch allows, else head slices."""
+    if B >= n_workers:
+        return [(b, slice(None)) for b in _split(B, n_workers)]
+    per_seq = -(-n_workers // B)                              # ceil: head groups per sequence
+    return [(slice(b, b + 1), hs) for b in range(B) for hs in _split(n_heads, per_seq)]
+
+
+def _attention_core(qkv5, ctx, mask_add, bs, hs):
+    """Scores, mask, softmax and context for one (batch slice, head slice) group.
+
+    qkv5 : (B, S, 3, NH, HD) view of the fused projection (Q pre-scaled)
+    ctx : (B, S, NH, HD) output, written in place
     """
-    N, H = h.shape
-    HD = H // n_heads
-    qkv = _linear(h, p[prefix + "attn.qkv.weight"], p.get(prefix + "attn.qkv.bias"))  # (N, 3H) one GEMM
-    qkv = qkv.reshape(B, S, 3, n_heads, HD)                   # (B, S, 3, NH, HD)
-    # strided views, no copies: BLAS takes a row stride of 3H directly
-    q = qkv[:, :, 0].transpose(0, 2, 1, 3)                    # (B, NH, S, HD), already scaled
-    k_t = qkv[:, :, 1].transpose(0, 2, 3, 1)                  # (B, NH, HD, S)
-    v = qkv[:, :, 2].transpose(0, 2, 1, 3)                    # (B, NH, S, HD)
-    scores = np.matmul(q, k_t)                                # (B, NH, S, S) batched GEMM over (B, NH)
+    q = qkv5[bs, :, 0, hs].transpose(0, 2, 1, 3)              # (b, h, S, HD) strided view, BLAS reads it
+    k_t = qkv5[bs, :, 1, hs].transpose(0, 2, 3, 1)            # (b, h, HD, S)
+    v = qkv5[bs, :, 2, hs].transpose(0, 2, 1, 3)              # (b, h, S, HD)
+    scores = np.matmul(q, k_t)                                # (b, h, S, S) batched GEMM over (b, h)
     if mask_add is not None:
-        scores += mask_add                                    # (B, NH, S, S) keys only
-    softmax_(scores)                                          # (B, NH, S, S)
-    ctx = np.empty((B, S, n_heads, HD), dtype=np.float32)     # (B, S, NH, HD)
-    # write P @ v straight into the (B, S, NH, HD) layout: heads end up concatenated per token
-    np.matmul(scores, v, out=ctx.transpose(0, 2, 1, 3))       # (B, NH, S, HD) view of ctx
-    del scores, qkv
-    return _linear(ctx.reshape(N, H), p[prefix + "attn.out.weight"], p.get(prefix + "attn.out.bias"))  # (N, H)
+        scores += mask_add[bs]                                # (b, 1, 1, S) keys only
+    softmax_(scores)                                          # (b, h, S, S)
+    # P @ v written straight into the (B, S, NH, HD) layout: heads end up concatenated per token
+    np.matmul(scores, v, out=ctx[bs, :, hs].transpose(0, 2, 1, 3))
 
 
-def feed_forward(h, p, prefix, ffn, n_threads):
-    """FFF (``ffn`` is a ``pyfff.FFF``) or dense GELU feed-forward.
+def _feed_forward(h, p, prefix, ffn):
+    """FFF (``ffn``, a ``pyfff.FFF``, one thread: we are inside a worker) or dense GELU feed-forward.
 
-    h : (N, H) -> (N, H)
+    h : (n, H) -> (n, H)
     """
     if ffn is not None:
-        return ffn(h, n_threads=n_threads)                    # (N, H) conditional execution
-    a = _linear(h, p[prefix + "ffn.dense_in.weight"], p.get(prefix + "ffn.dense_in.bias"))  # (N, I)
-    gelu_(a)                                                  # (N, I)
-    return _linear(a, p[prefix + "ffn.dense_out.weight"], p.get(prefix + "ffn.dense_out.bias"))  # (N, H)
+        return ffn(h, n_threads=1)                            # (n, H) conditional execution
+    a = _linear(h, p[prefix + "ffn.dense_in.weight"], p.get(prefix + "ffn.dense_in.bias"))  # (n, I)
+    gelu_(a)                                                  # (n, I)
+    return _linear(a, p[prefix + "ffn.dense_out.weight"], p.get(prefix + "ffn.dense_out.bias"))  # (n, H)
 
 
 def embed(p, cfg, ids, token_type_ids):
@@ -197,7 +232,7 @@ def embed(p, cfg, ids, token_type_ids):
     return x
 
 
-def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=None):
+def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=1):
     """Final hidden states.
 
     Parameters
@@ -208,48 +243,89 @@ def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=None):
     ids : ndarray of shape (B, S), dtype=int64, validated
     mask : ndarray of shape (B, S) of 0/1 or None
     token_type_ids : ndarray of shape (B, S) or None
+    n_threads : int
+        Worker threads. The caller limits BLAS to one thread around this call.
 
     Returns
     -------
     hidden : ndarray of shape (B, S, H), dtype=float32
     """
     B, S = ids.shape
-    H, eps = cfg.d_model, cfg.norm_eps
+    N, H, NH, eps = B * S, cfg.d_model, cfg.n_heads, cfg.norm_eps
+    HD = H // NH
     mask_add = None
     if mask is not None and not mask.all():
         # additive key mask (crammedBERT: -10000, finite; BERT: float32 min); skipped when nothing is
         # padded, which is exact: adding 0 changes no score
         mask_add = ((1 - mask).astype(np.float32) * np.float32(cfg.mask_value))[:, None, None, :]  # (B, 1, 1, S)
     x = embed(p, cfg, ids, token_type_ids)                    # (N, H) residual stream, owned here
-    h = np.empty_like(x)                                      # (N, H) scratch for normed activations
+    h = np.empty_like(x)                                      # (N, H) normed activations
+    qkv = np.empty((N, 3 * H), dtype=np.float32)              # (N, 3H) fused projection, reused per layer
+    qkv5 = qkv.reshape(B, S, 3, NH, HD)                       # (B, S, 3, NH, HD) view
+    ctx = np.empty((B, S, NH, HD), dtype=np.float32)          # (B, S, NH, HD) attention output
+    ctx2 = ctx.reshape(N, H)                                  # (N, H) view, heads concatenated
+    rows = _row_blocks(N, n_threads)
+    groups = _attention_groups(B, NH, n_threads)
+
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
+        w_qkv, b_qkv = p[pre + "attn.qkv.weight"], p.get(pre + "attn.qkv.bias")
+        w_o, b_o = p[pre + "attn.out.weight"], p.get(pre + "attn.out.bias")
+        n1w, n1b, n2w, n2b = (p[pre + "norm1.weight"], p[pre + "norm1.bias"], p[pre + "norm2.weight"],
+                              p[pre + "norm2.bias"])
+        ffn = ffns[i]
+
         if cfg.pre_norm:                                      # crammedBERT: x + f(LN(x))
-            layer_norm_(x, p[pre + "norm1.weight"], p[pre + "norm1.bias"], eps, out=h)
-            x += attention(h, p, pre, B, S, cfg.n_heads, mask_add)
-            layer_norm_(x, p[pre + "norm2.weight"], p[pre + "norm2.bias"], eps, out=h)
-            x += feed_forward(h, p, pre, ffns[i], n_threads)
+            def project(r):                                   # rows r: LN1, fused QKV
+                layer_norm_(x[r], n1w, n1b, eps, out=h[r])    # (n, H)
+                _linear(h[r], w_qkv, b_qkv, out=qkv[r])       # (n, 3H) one GEMM
+
+            def finish(r):                                    # rows r: out-proj, residual, LN2, FF, residual
+                xr = x[r]
+                xr += _linear(ctx2[r], w_o, b_o)              # (n, H)
+                layer_norm_(xr, n2w, n2b, eps, out=h[r])      # (n, H)
+                xr += _feed_forward(h[r], p, pre, ffn)        # (n, H)
         else:                                                 # BERT: LN(x + f(x))
-            a = attention(x, p, pre, B, S, cfg.n_heads, mask_add)
-            a += x
-            layer_norm_(a, p[pre + "norm1.weight"], p[pre + "norm1.bias"], eps, out=x)
-            f = feed_forward(x, p, pre, ffns[i], n_threads)
-            f += x
-            layer_norm_(f, p[pre + "norm2.weight"], p[pre + "norm2.bias"], eps, out=x)
+            def project(r):
+                _linear(x[r], w_qkv, b_qkv, out=qkv[r])       # (n, 3H)
+
+            def finish(r):
+                xr = x[r]
+                a = _linear(ctx2[r], w_o, b_o)                # (n, H)
+                a += xr
+                layer_norm_(a, n1w, n1b, eps, out=xr)         # (n, H)
+                f = _feed_forward(xr, p, pre, ffn)            # (n, H)
+                f += xr
+                layer_norm_(f, n2w, n2b, eps, out=xr)         # (n, H)
+
+        _run([lambda r=r: project(r) for r in rows], n_threads)
+        _run([lambda g=g: _attention_core(qkv5, ctx, mask_add, *g) for g in groups], n_threads)
+        _run([lambda r=r: finish(r) for r in rows], n_threads)
     if cfg.final_norm:
-        layer_norm_(x, p["final_norm.weight"], p["final_norm.bias"], eps, out=x)
+        _run([lambda r=r: layer_norm_(x[r], p["final_norm.weight"], p["final_norm.bias"], eps, out=x[r])
+              for r in rows], n_threads)
     return x.reshape(B, S, H)
 
 
-def mlm_head(p, cfg, h):
-    """MLM logits with the tied decoder.
+def mlm_head(p, cfg, h, n_threads=1):
+    """MLM logits with the tied decoder, row blocks in parallel.
 
     h : (M, H) -> (M, V)
     """
-    if cfg.mlm_transform:                                     # BERT: LN(GELU(W h + b))
-        h = gelu_(_linear(h, p["mlm.transform.weight"], p["mlm.transform.bias"]))   # (M, H)
-        h = layer_norm_(h, p["mlm.norm.weight"], p["mlm.norm.bias"], cfg.norm_eps, out=h)
-    return _linear(h, p["embeddings.word_embeddings"], p.get("mlm.decoder.bias"))   # (M, V)
+    M = h.shape[0]
+    logits = np.empty((M, cfg.vocab_size), dtype=np.float32)  # (M, V)
+
+    def rows(r):
+        z = h[r]
+        if cfg.mlm_transform:                                 # BERT: LN(GELU(W h + b))
+            z = gelu_(_linear(z, p["mlm.transform.weight"], p["mlm.transform.bias"]))  # (n, H)
+            z = layer_norm_(z, p["mlm.norm.weight"], p["mlm.norm.bias"], cfg.norm_eps, out=z)
+        np.matmul(z, p["embeddings.word_embeddings"].T, out=logits[r])            # (n, V) tied decoder
+        if cfg.decoder_bias:
+            logits[r] += p["mlm.decoder.bias"]
+
+    _run([lambda r=r: rows(r) for r in _row_blocks(M, n_threads)], n_threads)
+    return logits
 
 
 def classifier_head(p, cfg, hidden):

@@ -45,8 +45,8 @@ class Encoder:
         and to right-pad with the pad token. None if the folder has no
         ``tokenizer.json``.
     n_threads : int
-        Threads used by the FFF kernels (and by BLAS when it was given
-        explicitly to :func:`load`).
+        Worker threads of the forward pass; each runs single-threaded BLAS
+        and FFF calls on its own block of tokens (or of attention heads).
     params : dict of str to ndarray
         Kernel-ready weights (memory-mapped views where possible).
     """
@@ -55,7 +55,6 @@ class Encoder:
         self.config = config
         self.params = params
         self.path = path
-        self._limit_blas = n_threads is not None
         self.n_threads = _openmp_effective_n_threads(n_threads)
         self.tokenizer = tokenizer
         self._ffns = [None] * config.n_layers
@@ -87,12 +86,12 @@ class Encoder:
 
     # ------------------------------------------------------------------ threads
     def _blas_limit(self):
-        """BLAS thread limit for one top-level call (once per call, never per layer)."""
-        if self._limit_blas:
-            return _threadpool_controller().limit(limits=self.n_threads, user_api="blas")
-        import contextlib
+        """BLAS on one thread for one top-level call (set once per call, never per layer).
 
-        return contextlib.nullcontext()
+        The encoder parallelises itself: ``n_threads`` workers each run single-threaded BLAS and FFF
+        calls on their own row block (see ``_forward``), so a multi-threaded BLAS would oversubscribe.
+        """
+        return _threadpool_controller().limit(limits=1, user_api="blas")
 
     # ------------------------------------------------------------------ tokenizer
     def tokenize(self, texts, pairs=None, *, return_token_type_ids=False):
@@ -226,7 +225,7 @@ class Encoder:
         with self._blas_limit():
             h = _forward.encode(self.params, self.config, self._ffns, ids, mask, types, self.n_threads)
             B, S, H = h.shape
-            return _forward.mlm_head(self.params, self.config, h.reshape(B * S, H)).reshape(B, S, -1)
+            return _forward.mlm_head(self.params, self.config, h.reshape(B * S, H), self.n_threads).reshape(B, S, -1)
 
     def classify(self, input_ids, attention_mask=None, token_type_ids=None):
         """Sequence-classification logits (crammedBERT: pooler ``zero_index`` or ``avg``).
@@ -301,7 +300,7 @@ class Encoder:
                              f"{self.config.max_length} tokens)")
         with self._blas_limit():
             h = _forward.encode(self.params, self.config, self._ffns, ids, mask, None, self.n_threads)
-            logits = _forward.mlm_head(self.params, self.config, h[0, positions])  # (M, V)
+            logits = _forward.mlm_head(self.params, self.config, h[0, positions], self.n_threads)  # (M, V)
         logits = logits.astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
@@ -330,8 +329,10 @@ def load(path, *, n_threads=None):
         a crammedBERT/UltraFastBERT or BERT model, or a folder written by
         :func:`pyfff.export`.
     n_threads : int or None, default=None
-        Threads for the FFF kernels and BLAS. None: all usable cores, and
-        BLAS is left as configured; k > 0: k threads for both; -1: all CPUs.
+        Threads of the forward pass (FFF kernels and BLAS together; BLAS is
+        limited to one thread per worker during each call). None: all usable
+        cores (honours OMP_NUM_THREADS and threadpoolctl limits); k > 0: k
+        threads; -1: all CPUs.
 
     Returns
     -------
