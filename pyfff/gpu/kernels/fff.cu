@@ -35,7 +35,7 @@
 #define PYFFF_SCATTER_ITEMS 2
 // Largest block of fff_route (one token per warp) and fff_output; the host launches 256 or 768 threads.
 #define PYFFF_MAX_BLOCK 768
-// fff_output: VEC-vectors per lane per column chunk.
+// fff_output with G > 1 tokens per warp: VEC-vectors per lane per column chunk (G = 1: PYFFF_MAXV).
 #define PYFFF_OUT_VECS 2
 
 #define PYFFF_ACT_GELU 0
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const int use_order,
     T* __restrict__ y)               // OUT (n, d_out)
 {
-    constexpr int J = PYFFF_OUT_VECS;
+    constexpr int J = G == 1 ? PYFFF_MAXV : PYFFF_OUT_VECS;  // one token: the whole row chunk at once
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
