@@ -5,20 +5,20 @@ Contract: same constructor, validation, routing rule, routes and dtypes
 validation; the result is a CuPy array for a CuPy input and a NumPy array
 for anything else (copied to the device and back).
 
-How a forward pass runs (kernels in ``kernels/fff.cu``), per tree:
+How a forward pass runs (kernels in ``kernels/fff.cu``): for each tree,
+``fff_route`` walks every token's path (one warp per token, the token's row
+of x in registers, 16-byte row loads, a shuffle reduction per level) and
+stores the visited nodes and logits; then ``fff_output`` forms
+``y = sum act(logit) * w_out[row]`` for all trees at once, one warp per token,
+writing each row of y once. Launches are prepared once per (batch size,
+schedule, stream) in a :class:`_Plan` with cached workspaces and enqueued
+through ``cuLaunchKernel``.
 
-1. ``fff_route`` walks levels ``[0, s)`` for every token in batch order (one
-   warp per token), storing each visited node and logit, and the node of
-   level ``s`` as the token's bucket key;
-2. ``fff_bucket_scatter`` groups the tokens by that key (counting sort);
-3. ``fff_route`` walks levels ``[s, depth]`` in that grouped order, so the
-   warps of one block share the rows of one subtree, and keys each token by
-   its leaf (tree 0 only);
-4. after all trees, ``fff_output`` forms ``y`` in leaf order, one warp per
-   token, each row of ``w_out`` read by neighbouring warps in turn.
-
-Small batches skip the sorts (``_SORT_MIN_BATCH``): there is too little
-sharing to pay for them.
+Optional schedules (``_run(splits=..., sort_output=...)``, tested, not the
+default because they measured slower on the H100, see docs/gpu.md) re-sort the
+tokens between route stages by the node of a middle level and/or by their leaf
+(``fff_bucket_scatter``, a counting sort), so that neighbouring warps share
+weight rows.
 """
 from __future__ import annotations
 
@@ -39,9 +39,13 @@ _SCATTER_TOKENS = 256 * 2  # PYFFF_SCATTER_THREADS * PYFFF_SCATTER_ITEMS
 _MAX_KEY_LEVEL = 12  # PYFFF_MAX_BUCKETS = 2**12
 _INT32_MAX = 2**31 - 1
 
-# Schedule defaults (see bench/bench_gpu.py and docs/gpu.md for the measurements behind them).
-_SORT_MIN_BATCH = 1024  # below this many tokens: no sorting at all
-_SPLIT_MIN_DEPTH = 4  # trees at least this deep are re-sorted once, at the middle level
+# Schedule default (docs/gpu.md has the measurements behind it): no re-sorting. On the H100, at width 768 and
+# depth 11, the sorted schedules (re-sort at level 6 and/or by leaf) raised L1 hit rates but were 3-15 % slower
+# than batch order at batch 16384 and slower still at 2048 and 1: the kernels are bound by the latency of
+# each token's chain of dependent row loads, which grouping does not shorten. They stay selectable through
+# _run(splits=..., sort_output=...) and are tested.
+_DEFAULT_SPLITS = ()
+_DEFAULT_SORT_OUTPUT = False
 # Kernel variants: tokens per warp and threads per block of fff_route (R = 1: 256 or 768 threads; R = 2:
 # 256) and of fff_output (G = 1 or 4; 256 or 768 threads).
 _VARIANT = {"route_tokens": 1, "route_block": 256, "out_tokens": 1, "out_block": 256}
@@ -339,11 +343,8 @@ class FFF:
 
     # --------------------------------------------------------------- pipeline
     def _schedule(self, n):
-        """(splits, sort_output) used for a batch of n tokens by default."""
-        if n < _SORT_MIN_BATCH:
-            return (), False
-        splits = (min((self.depth + 1) // 2, _MAX_KEY_LEVEL),) if self.depth >= _SPLIT_MIN_DEPTH else ()
-        return splits, True
+        """(splits, sort_output) used for a batch of n tokens by default (the same for every n, for now)."""
+        return _DEFAULT_SPLITS, _DEFAULT_SORT_OUTPUT
 
     def _check_schedule(self, splits, sort_output):
         splits = tuple(int(s) for s in splits)

@@ -13,11 +13,11 @@
 //
 // T is float or double; VEC is the number of T per load (16 bytes: 4 floats or
 // 2 doubles, or 1 when a width or a pointer does not allow 16-byte loads; the
-// host picks). Why the pipeline: a row of w_in / w_out is 3 KB at width 768,
-// and a token visits depth + 1 of them in each matrix. Processing tokens in an
-// order grouped by the subtree they sit in (after a counting sort on the node
-// of a middle level, then on the leaf) makes the warps of one block read the
-// same rows one after the other, so rows come from L1 instead of L2.
+// host picks). The default pipeline is fff_route (all levels, batch order) then
+// fff_output. Optionally the host re-sorts tokens between route stages with
+// fff_bucket_scatter (by the node of a middle level, then by leaf) so that the
+// warps of a block read the same rows one after the other; on the H100 that
+// raised L1 hit rates but did not pay for the extra passes (docs/gpu.md).
 //
 // Guarantees: every write is behind a bounds check on its index; indices into
 // x, y and the weight matrices are 64-bit; the routing rule is the library's
