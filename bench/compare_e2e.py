@@ -130,13 +130,19 @@ def export_onnx(eager_model, path):
 
 # --------------------------------------------------------------------------- timing
 def best_of(fn, args, repeat):
+    """Best and median wall seconds per call, and median process CPU seconds per call (all threads).
+
+    On a shared machine the wall time depends on what else runs; the CPU time shows the work done
+    (spin-waiting threads included).
+    """
     fn(*args)                                                         # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn(*args)
         times.append(time.perf_counter() - t0)
-    return min(times), float(np.median(times))
+        cpu.append(time.process_time() - c0)
+    return min(times), float(np.median(times)), float(np.median(cpu))
 
 
 def build_systems(work, n_threads):
@@ -250,12 +256,14 @@ def main(argv=None):
             for name, fn in systems.items():
                 if args.systems and name not in args.systems.split(","):
                     continue
-                best, median = best_of(fn, (ids, mask), args.repeat)
+                best, median, cpu = best_of(fn, (ids, mask), args.repeat)
                 row = dict(system=name, threads=n_threads, batch=batch, seq=SEQ, best_s=best, median_s=median,
-                           tokens_per_s=batch * SEQ / best)
+                           cpu_s=cpu, tokens_per_s=batch * SEQ / best, tokens_per_cpu_s=batch * SEQ / cpu,
+                           load_average_1min=os.getloadavg()[0])
                 results.append(row)
                 print(f"{name:<20} threads={n_threads:<2} batch={batch:<2} best {best * 1e3:9.1f} ms  "
-                      f"median {median * 1e3:9.1f} ms  {row['tokens_per_s']:8.0f} tokens/s", file=sys.stderr)
+                      f"median {median * 1e3:9.1f} ms  cpu {cpu * 1e3:9.1f} ms  {row['tokens_per_s']:8.0f} tokens/s  "
+                      f"(load {row['load_average_1min']:.1f})", file=sys.stderr)
     bars = evaluate_bars(results, max(args.threads))
     print_table(results, bars)
     if args.json:
@@ -290,10 +298,11 @@ def evaluate_bars(results, n_all):
 
 
 def print_table(results, bars):
-    print("| system | threads | batch | best ms | tokens/s |")
-    print("|---|---|---|---|---|")
+    print("| system | threads | batch | best ms | median ms | tokens/s | CPU s per call | tokens per CPU-second |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['system']} | {r['threads']} | {r['batch']} | {r['best_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} |")
+        print(f"| {r['system']} | {r['threads']} | {r['batch']} | {r['best_s'] * 1e3:.1f} | {r['median_s'] * 1e3:.1f} "
+              f"| {r['tokens_per_s']:.0f} | {r['cpu_s']:.3f} | {r['tokens_per_cpu_s']:.0f} |")
     print()
     for b in bars:
         print(f"{b['bar']}: {b['value']:.2f} -> {'met' if b['met'] else 'NOT met'}")

@@ -230,3 +230,27 @@ def _rewrite_dtype_code(path, tensors):
     data = len(raw).to_bytes(8, "little") + raw + b"".join(chunks)
     del arrays
     path.write_bytes(data)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 5])
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_worker_split_does_not_change_results(tmp_path, n_threads, batch):
+    """Row blocks and (sequence, head) groups of any count give what one thread gives."""
+    folder, config, tensors = eh.write_crammed(tmp_path / "ckpt", seed=6, n_heads=3, hidden=48,
+                                               head="classifier", pooler="avg")
+    ids, mask = eh.random_batch(np.random.default_rng(batch), batch, 32, 232)
+    one = pyfff.load(folder, n_threads=1)
+    many = pyfff.load(folder, n_threads=n_threads)
+    assert many.n_threads == n_threads
+    np.testing.assert_allclose(many.hidden_states(ids, mask), one.hidden_states(ids, mask), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(many.classify(ids, mask), one.classify(ids, mask), rtol=0, atol=2e-6)
+
+
+def test_blas_threads_are_restored_after_a_call(tmp_path):
+    from threadpoolctl import threadpool_info
+
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", seed=1)
+    model = pyfff.load(folder, n_threads=2)
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    model.hidden_states(np.ones((2, 8), np.int64))
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before

@@ -14,6 +14,7 @@ HD = H // NH head width, I dense intermediate width, V vocabulary.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -143,24 +144,30 @@ def _linear(x, weight, bias=None, out=None):
 # nested pools, no BLAS threads spinning while the OpenMP kernel runs (and vice versa), and one
 # synchronisation per step instead of one per BLAS call (attention alone makes B * NH small GEMMs).
 _POOLS = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool(n_workers):
-    if n_workers not in _POOLS:
-        from concurrent.futures import ThreadPoolExecutor
+    with _POOLS_LOCK:
+        if n_workers not in _POOLS:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _POOLS[n_workers] = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pyfff-encoder")
-    return _POOLS[n_workers]
+            _POOLS[n_workers] = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pyfff-encoder")
+        return _POOLS[n_workers]
 
 
 def _run(tasks, n_workers):
-    """Run ``tasks`` (callables), in the pool when there are several; exceptions propagate."""
+    """Run ``tasks`` (callables): the first on the calling thread, the others in the pool; errors propagate."""
     if n_workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             task()
         return
-    for future in [_pool(n_workers).submit(task) for task in tasks]:
-        future.result()
+    futures = [_pool(n_workers - 1).submit(task) for task in tasks[1:]]
+    try:
+        tasks[0]()
+    finally:
+        for future in futures:
+            future.result()
 
 
 # below this many tokens per block the per-call overheads outweigh a second thread
