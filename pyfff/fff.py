@@ -212,6 +212,10 @@ class FFF:
         return r.reshape(lead + (self.n_trees, self.depth + 1))
 
     # ------------------------------------------------------------------ misc
+    def __reduce__(self):
+        # Pickle/copy by weights: the compiled BoundLayer holds raw pointers.
+        return (_rebuild, (self.w_in, self.b_in, self.w_out, self.n_trees, self.activation))
+
     def __repr__(self):
         return (f"FFF(d_in={self.d_in}, d_out={self.d_out}, depth={self.depth}, n_trees={self.n_trees}, "
                 f"dtype={self.dtype.name}, activation={self.activation!r})")
@@ -236,3 +240,8 @@ class FFF:
     def n_neurons(self):
         """All neurons of the layer, ``n_trees * n_nodes``."""
         return self.n_trees * self.n_nodes
+
+
+def _rebuild(w_in, b_in, w_out, n_trees, activation):
+    """Unpickle an FFF (module level so pickle can find it)."""
+    return FFF(w_in, b_in, w_out, n_trees=n_trees, activation=activation)
