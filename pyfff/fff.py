@@ -32,8 +32,9 @@ def _as_float_array(a, name, dtype=None):
         # Byte order is not precision: a big-endian '>f8' array is a float64 layer.
         native = arr.dtype.newbyteorder("=")
         dtype = native if native in _FLOATS else np.dtype(np.float32)
-    # asarray(order="C"), not ascontiguousarray: the latter turns a 0-d array into shape (1,).
-    return np.asarray(arr, dtype=dtype, order="C")
+    # asarray + require, not ascontiguousarray (which turns a 0-d array into shape (1,)):
+    # native byte order, C-contiguous and aligned, copied only when it is not already.
+    return np.require(np.asarray(arr, dtype=dtype), requirements="CA")
 
 
 def _check_n_trees(n_trees):
