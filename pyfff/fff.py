@@ -212,6 +212,16 @@ class FFF:
         self._bound.fill(x2, None, r, n_threads)
         return r.reshape(lead + (self.n_trees, self.depth + 1))
 
+    def to_gpu(self):
+        """This layer on the current CUDA device (:class:`pyfff.gpu.FFF`; needs CuPy).
+
+        The weights are copied once; the GPU layer has the same semantics and
+        routes. Importing :mod:`pyfff` alone never imports CuPy.
+        """
+        from . import gpu
+
+        return gpu.FFF.from_cpu(self)
+
     # ------------------------------------------------------------------ misc
     def __reduce__(self):
         # Pickle/copy by weights: the compiled BoundLayer holds raw pointers.
