@@ -45,22 +45,22 @@ DENSE_NEURONS = 2 ** (DEPTH + 1) - 1
 BATCHES = (1, 2048, 16384)
 
 # name -> keyword arguments of pyfff.gpu.FFF._run (splits, sort_output, variant); None: the public call
-# layer(x) with the layer's defaults for the batch. Variant: R / G tokens per warp of fff_route / fff_output,
-# and their threads per block.
-_R1, _R2 = {"route_tokens": 1, "route_block": 256}, {"route_tokens": 2, "route_block": 256}
-_G1, _G4 = {"out_tokens": 1, "out_block": 256}, {"out_tokens": 4, "out_block": 256}
-_BIG = {"route_tokens": 1, "route_block": 768, "out_tokens": 4, "out_block": 768}
+# layer(x) with the layer's defaults. Variants: fff_route with one token per warp and x in registers (reg),
+# or R tokens per warp with x in shared memory (R1smem, R2smem); block sizes.
+_REG = {"route_tokens": 1, "route_xsmem": False, "route_block": 256, "out_block": 256}
+_R1S = {"route_tokens": 1, "route_xsmem": True, "route_block": 256, "out_block": 256}
+_R2S = {"route_tokens": 2, "route_xsmem": True, "route_block": 256, "out_block": 256}
+_BIG = {"route_tokens": 1, "route_xsmem": False, "route_block": 768, "out_block": 768}
 FFF_SCHEDULES = {
     "pyfff_gpu": None,
-    "direct,R1,G1": {"splits": (), "sort_output": False, "variant": {**_R1, **_G1}},
-    "direct,R2,G1": {"splits": (), "sort_output": False, "variant": {**_R2, **_G1}},
-    "leafsort,R1,G1": {"splits": (), "sort_output": True, "variant": {**_R1, **_G1}},
-    "leafsort,R2,G4": {"splits": (), "sort_output": True, "variant": {**_R2, **_G4}},
-    "split6,R1,G1": {"splits": (6,), "sort_output": True, "variant": {**_R1, **_G1}},
-    "split6,R2,G1": {"splits": (6,), "sort_output": True, "variant": {**_R2, **_G1}},
-    "split6,R2,G4": {"splits": (6,), "sort_output": True, "variant": {**_R2, **_G4}},
-    "split6,768-blocks,G4": {"splits": (6,), "sort_output": True, "variant": _BIG},
-    "split4,R2,G4": {"splits": (4,), "sort_output": True, "variant": {**_R2, **_G4}},
+    "direct,reg": {"splits": (), "sort_output": False, "variant": _REG},
+    "direct,R1smem": {"splits": (), "sort_output": False, "variant": _R1S},
+    "direct,R2smem": {"splits": (), "sort_output": False, "variant": _R2S},
+    "direct,768-blocks": {"splits": (), "sort_output": False, "variant": _BIG},
+    "leafsort,reg": {"splits": (), "sort_output": True, "variant": _REG},
+    "leafsort,R2smem": {"splits": (), "sort_output": True, "variant": _R2S},
+    "split6,reg": {"splits": (6,), "sort_output": True, "variant": _REG},
+    "split6,R2smem": {"splits": (6,), "sort_output": True, "variant": _R2S},
 }
 FFF_SCHEDULES = {k if v is None else f"pyfff_gpu[{k}]": v for k, v in FFF_SCHEDULES.items()}
 

@@ -23,12 +23,13 @@ CASES = [
     (2049, 1100, 6, 5, 3, np.float64),
     (3001, 8, 16, 13, 1, np.float32),
     (1025, 64, 48, 7, 2, np.float64),
+    (257, 20, 36, 12, 3, np.float32),  # 39 terms per token: fff_output's second batch of terms
 ]
 SCHEDULES = [((), False), ((), True), ("mid", True), ("mid", False)]
-VARIANTS = [  # (tokens per warp, threads per block) of fff_route and fff_output
-    {"route_tokens": 1, "route_block": 256, "out_tokens": 1, "out_block": 256},
-    {"route_tokens": 2, "route_block": 256, "out_tokens": 4, "out_block": 256},
-    {"route_tokens": 1, "route_block": 768, "out_tokens": 4, "out_block": 768},
+VARIANTS = [  # fff_route's tokens per warp, x in shared memory or registers, block sizes
+    {"route_tokens": 1, "route_xsmem": False, "route_block": 256, "out_block": 256},
+    {"route_tokens": 1, "route_xsmem": True, "route_block": 256, "out_block": 768},
+    {"route_tokens": 2, "route_xsmem": True, "route_block": 256, "out_block": 256},
 ]
 
 

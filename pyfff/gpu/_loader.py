@@ -22,12 +22,13 @@ _OPTIONS = ("-std=c++17",)
 # C++ type and the vector widths (elements per 16-byte load, or 1) compiled for it.
 _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 
-# tokens per warp compiled for fff_route (R) and fff_output (G)
-_TOKENS = {"fff_route": (1, 2), "fff_output": (1, 4)}
+# fff_route's (tokens per warp, x in shared memory) variants
+_ROUTE_VARIANTS = ((1, "false"), (1, "true"), (2, "true"))
 
 NAME_EXPRESSIONS = {
-    "fff.cu": tuple(f"{kernel}<{ctype}, {vec}, {tokens}>" for kernel, counts in _TOKENS.items()
-                    for ctype, vecs in _TYPES for vec in vecs for tokens in counts),
+    "fff.cu": tuple(f"fff_route<{ctype}, {vec}, {r}, {xs}>" for ctype, vecs in _TYPES for vec in vecs
+                    for r, xs in _ROUTE_VARIANTS)
+    + tuple(f"fff_output<{ctype}, {vec}>" for ctype, vecs in _TYPES for vec in vecs),
 }
 
 
@@ -41,5 +42,5 @@ def get_module(filename):
 
 @cupy.memoize(for_each_device=True)
 def get_kernel(filename, name):
-    """Kernel ``name`` (a name expression such as ``"fff_route<float, 4, 1>"``, or an ``extern "C"`` name)."""
+    """Kernel ``name`` (a name expression such as ``"fff_output<float, 4>"``, or an ``extern "C"`` name)."""
     return get_module(filename).get_function(name)

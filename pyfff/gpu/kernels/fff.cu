@@ -8,8 +8,8 @@
 //                          tree, stores the visited node and its logit per
 //                          level and, optionally, the token's bucket key.
 //   fff_bucket_scatter     counting sort of the tokens by that key (extern "C").
-//   fff_output<T, VEC, G>  one warp per G tokens: y = sum over trees and levels
-//                          of act(logit) * w_out[row], written once.
+//   fff_output<T, VEC>     one warp per token: y = sum over trees and levels of
+//                          act(logit) * w_out[row], written once.
 //
 // T is float or double; VEC is the number of T per load (16 bytes: 4 floats or
 // 2 doubles, or 1 when a width or a pointer does not allow 16-byte loads; the
@@ -35,8 +35,8 @@
 #define PYFFF_SCATTER_ITEMS 2
 // Largest block of fff_route (one token per warp) and fff_output; the host launches 256 or 768 threads.
 #define PYFFF_MAX_BLOCK 768
-// fff_output with G > 1 tokens per warp: VEC-vectors per lane per column chunk (G = 1: PYFFF_MAXV).
-#define PYFFF_OUT_VECS 2
+// fff_output: terms whose row vectors are loaded together (divides 32).
+#define PYFFF_OUT_UNROLL 8
 
 #define PYFFF_ACT_GELU 0
 #define PYFFF_ACT_GELU_TANH 1
@@ -140,15 +140,17 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
 //
 // A warp walks R neighbouring tokens together: their row loads, dot products
 // and shuffle reductions are independent, so their latencies overlap (a walk is
-// a chain of dependent loads). R = 1 runs up to PYFFF_MAX_BLOCK threads; R = 2
-// holds twice the registers and runs 256-thread blocks, two per SM.
+// a chain of dependent loads). XS = false keeps each token's row of x in
+// registers (R = 1; up to PYFFF_MAX_BLOCK threads); XS = true keeps the R rows
+// of each warp in dynamic shared memory (blockDim / 32 * R * d_in elements;
+// 256-thread blocks), which frees the registers for more tokens in flight.
 //
 // lo > 0 continues a walk: the start node is the child chosen by the node and
 // logit stored at level lo - 1. key_level in [lo, hi] (or -1: none) names the
 // level whose node becomes the token's bucket key (key_level == hi: the next
 // node to visit); keys[tok] = node - (2**key_level - 1) and counts[key] += 1.
-template <typename T, int VEC, int R>
-__global__ void __launch_bounds__(R == 1 ? PYFFF_MAX_BLOCK : 256, R == 1 ? 1 : 2) fff_route(
+template <typename T, int VEC, int R, bool XS>
+__global__ void __launch_bounds__(XS ? 256 : PYFFF_MAX_BLOCK, XS ? (R == 1 ? 4 : 2) : 1) fff_route(
     const T* __restrict__ x,         // IN  (n, d_in)
     const long long n,
     const int d_in,                  // multiple of VEC
@@ -177,59 +179,105 @@ __global__ void __launch_bounds__(R == 1 ? PYFFF_MAX_BLOCK : 256, R == 1 ? 1 : 2
     const PositionRange range = block_positions(n);
 
     for (long long p0 = range.begin + (long long)warp * R; p0 < range.end; p0 += (long long)n_warps * R) {
-        long long tok[R];  // warp-uniform; -1: empty slot
+        // Slot 0 always holds a token (p0 < range.end); an empty slot r walks slot 0's token again so that
+        // every slot's loads are valid and can be issued together, and its results are dropped (valid[r]).
+        long long tok[R];
+        bool valid[R];  // warp-uniform
         #pragma unroll
-        for (int r = 0; r < R; ++r) tok[r] = (p0 + r < range.end) ? token_at(order, use_order, p0 + r, n) : -1;
+        for (int r = 0; r < R; ++r) {
+            const long long t = (p0 + r < range.end) ? token_at(order, use_order, p0 + r, n) : -1;
+            valid[r] = t >= 0;
+            tok[r] = t;
+        }
+        if (!valid[0]) continue;  // never, for a valid permutation
+        #pragma unroll
+        for (int r = 1; r < R; ++r) if (!valid[r]) tok[r] = tok[0];
 
-        // Each token's row of x stays in registers for all levels (first PYFFF_MAXV vectors per lane).
-        T xr[R][PYFFF_MAXV][VEC];
+        // Each token's row of x: in registers for all levels (first PYFFF_MAXV vectors per lane), or in this
+        // warp's part of shared memory (XS).
+        T xr[XS ? 1 : R][PYFFF_MAXV][VEC];
+        extern __shared__ __align__(16) unsigned char pyfff_smem[];
+        T* __restrict__ xs = reinterpret_cast<T*>(pyfff_smem) + (long long)warp * R * d_in;
         long long node[R], base[R], key_node[R];
         #pragma unroll
         for (int r = 0; r < R; ++r) {
-            #pragma unroll
-            for (int j = 0; j < PYFFF_MAXV; ++j) {
-                const int v = lane + 32 * j;
-                if (tok[r] >= 0 && v < nvec) {
-                    load_vec<true>(x + tok[r] * d_in + (long long)v * VEC, xr[r][j]);
-                } else {
+            if constexpr (XS) {
+                for (int v = lane; v < nvec; v += 32) {
+                    T t[VEC];
+                    load_vec<true>(x + tok[r] * d_in + (long long)v * VEC, t);
                     #pragma unroll
-                    for (int c = 0; c < VEC; ++c) xr[r][j][c] = T(0);
+                    for (int c = 0; c < VEC; ++c) xs[r * d_in + v * VEC + c] = t[c];
+                }
+            } else {
+                #pragma unroll
+                for (int j = 0; j < PYFFF_MAXV; ++j) {
+                    const int v = lane + 32 * j;
+                    if (v < nvec) {
+                        load_vec<true>(x + tok[r] * d_in + (long long)v * VEC, xr[r][j]);
+                    } else {
+                        #pragma unroll
+                        for (int c = 0; c < VEC; ++c) xr[r][j][c] = T(0);
+                    }
                 }
             }
-            base[r] = tok[r] >= 0 ? (tok[r] * n_trees + tree) * levels : 0;
+            base[r] = (tok[r] * n_trees + tree) * levels;
             node[r] = 0;
-            if (lo > 0 && tok[r] >= 0)
-                node[r] = 2LL * nodes[base[r] + lo - 1] + 1 + (logits[base[r] + lo - 1] > T(0) ? 1 : 0);
+            if (lo > 0) node[r] = 2LL * nodes[base[r] + lo - 1] + 1 + (logits[base[r] + lo - 1] > T(0) ? 1 : 0);
             key_node[r] = 0;
         }
+        if constexpr (XS) __syncwarp();
 
         for (int level = lo; level < hi; ++level) {
+            // all R rows' loads first, so that their latencies overlap
+            T wv[R][PYFFF_MAXV][VEC];
+            T bias[R];
+            #pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const long long row = (long long)tree * n_nodes + node[r];
+                bias[r] = has_bias ? __ldg(b_in + row) : T(0);
+                #pragma unroll
+                for (int j = 0; j < PYFFF_MAXV; ++j) {
+                    const int v = lane + 32 * j;
+                    if (v < nvec) {
+                        load_vec<false>(w_in + row * d_in + (long long)v * VEC, wv[r][j]);
+                    } else {
+                        #pragma unroll
+                        for (int c = 0; c < VEC; ++c) wv[r][j][c] = T(0);
+                    }
+                }
+            }
             T s[R];
             #pragma unroll
             for (int r = 0; r < R; ++r) {
                 T acc[VEC];
                 #pragma unroll
                 for (int c = 0; c < VEC; ++c) acc[c] = T(0);
-                if (tok[r] >= 0) {  // warp-uniform
-                    const T* __restrict__ w = w_in + ((long long)tree * n_nodes + node[r]) * d_in;
-                    const T* __restrict__ xt = x + tok[r] * d_in;
-                    #pragma unroll
-                    for (int j = 0; j < PYFFF_MAXV; ++j) {
+                #pragma unroll
+                for (int j = 0; j < PYFFF_MAXV; ++j) {
+                    if constexpr (XS) {
                         const int v = lane + 32 * j;
                         if (v < nvec) {
-                            T wv[VEC];
-                            load_vec<false>(w + (long long)v * VEC, wv);
                             #pragma unroll
-                            for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[r][j][c], acc[c]);
+                            for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[r][j][c], xs[r * d_in + v * VEC + c], acc[c]);
                         }
-                    }
-                    for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the cache
-                        T wv[VEC], xv[VEC];
-                        load_vec<false>(w + (long long)v * VEC, wv);
-                        load_vec<false>(xt + (long long)v * VEC, xv);
+                    } else {
                         #pragma unroll
-                        for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
+                        for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[r][j][c], xr[r][j][c], acc[c]);
                     }
+                }
+                const T* __restrict__ w = w_in + ((long long)tree * n_nodes + node[r]) * d_in;
+                const T* __restrict__ xt = XS ? xs + r * d_in : x + tok[r] * d_in;
+                for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the cache
+                    T wt[VEC], xv[VEC];
+                    load_vec<false>(w + (long long)v * VEC, wt);
+                    if constexpr (XS) {
+                        #pragma unroll
+                        for (int c = 0; c < VEC; ++c) xv[c] = xt[v * VEC + c];
+                    } else {
+                        load_vec<false>(xt + (long long)v * VEC, xv);
+                    }
+                    #pragma unroll
+                    for (int c = 0; c < VEC; ++c) acc[c] = fma(wt[c], xv[c], acc[c]);
                 }
                 s[r] = acc[0];
                 #pragma unroll
@@ -242,11 +290,9 @@ __global__ void __launch_bounds__(R == 1 ? PYFFF_MAX_BLOCK : 256, R == 1 ? 1 : 2
             }
             #pragma unroll
             for (int r = 0; r < R; ++r) {
-                if (tok[r] < 0) continue;  // warp-uniform
-                const long long row = (long long)tree * n_nodes + node[r];
                 T z = __shfl_sync(PYFFF_FULL_MASK, s[r], 0);
-                if (has_bias) z += __ldg(b_in + row);
-                if (lane == 0) {
+                if (has_bias) z += bias[r];
+                if (lane == 0 && valid[r]) {
                     nodes[base[r] + level] = (int)node[r];
                     logits[base[r] + level] = z;
                 }
@@ -254,9 +300,10 @@ __global__ void __launch_bounds__(R == 1 ? PYFFF_MAX_BLOCK : 256, R == 1 ? 1 : 2
                 node[r] = 2 * node[r] + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
             }
         }
+        if constexpr (XS) __syncwarp();  // the next tokens overwrite xs
         #pragma unroll
         for (int r = 0; r < R; ++r) {
-            if (tok[r] < 0) continue;
+            if (!valid[r]) continue;
             if (key_level == hi) key_node[r] = node[r];
             if (key_level >= 0 && lane == 0) {
                 const long long key = key_node[r] - ((1LL << key_level) - 1);
@@ -354,13 +401,14 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
 // y[tok] = sum over trees t and levels l of act(logits[tok, t, l]) * w_out[t * n_nodes + nodes[tok, t, l]],
 // summed in that order (trees outer, levels inner, like the NumPy reference), written once.
 //
-// A warp takes G neighbouring positions at a time. In leaf order
-// (from fff_bucket_scatter) neighbours sit on the same node at most levels, and
-// equal nodes are adjacent, so a row chunk loaded for one token is reused from
-// registers by the next ones while their node is the same. Each lane computes one
-// term's node and activation per token, broadcast with shuffles; columns go in
-// chunks of 32 * PYFFF_OUT_VECS vectors held in registers.
-template <typename T, int VEC, int G>
+// One warp per token. Each lane computes one term's row and activation (up to
+// 32 terms per batch); then, for each column vector, the warp broadcasts the
+// terms PYFFF_OUT_UNROLL at a time and issues all their row loads before the
+// FMAs, so that many independent loads are in flight (the kernel is bound by
+// load latency, not bandwidth). Terms past the end are padded with a zero
+// activation on row 0, which adds exactly 0. With more than 32 terms, later
+// batches add to y (read back by the same lane that wrote it).
+template <typename T, int VEC>
 __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const int* __restrict__ nodes,   // IN  (n, n_trees, depth + 1)
     const T* __restrict__ logits,    // IN  (n, n_trees, depth + 1)
@@ -374,7 +422,7 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const int use_order,
     T* __restrict__ y)               // OUT (n, d_out)
 {
-    constexpr int J = G == 1 ? PYFFF_MAXV : PYFFF_OUT_VECS;  // one token: the whole row chunk at once
+    constexpr int U = PYFFF_OUT_UNROLL;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
@@ -384,73 +432,56 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const long long n_nodes = (2LL << depth) - 1;
     const PositionRange range = block_positions(n);
 
-    for (long long p0 = range.begin + (long long)warp * G; p0 < range.end; p0 += (long long)n_warps * G) {
-        long long tok[G];  // warp-uniform; -1: no token in this slot
-        #pragma unroll
-        for (int g = 0; g < G; ++g) tok[g] = (p0 + g < range.end) ? token_at(order, use_order, p0 + g, n) : -1;
+    for (long long p = range.begin + warp; p < range.end; p += n_warps) {  // warp-uniform
+        const long long tok = token_at(order, use_order, p, n);
+        if (tok < 0) continue;
+        const int* __restrict__ tn = nodes + tok * n_terms;
+        const T* __restrict__ tz = logits + tok * n_terms;
+        T* __restrict__ yt = y + tok * d_out;
 
-        for (int v0 = 0; v0 < nvec; v0 += 32 * J) {  // column chunks
-            T acc[G][J][VEC];
-            #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                #pragma unroll
-                for (int j = 0; j < J; ++j) {
-                    #pragma unroll
-                    for (int c = 0; c < VEC; ++c) acc[g][j][c] = T(0);
-                }
+        for (int i0 = 0; i0 < n_terms; i0 += 32) {
+            const int i = i0 + lane;
+            T a = T(0);
+            long long row = 0;  // padding: row 0 with a zero activation
+            if (i < n_terms) {
+                row = (long long)(i / levels) * n_nodes + __ldg(tn + i);
+                a = activation(__ldg(tz + i), act);
             }
-            for (int i0 = 0; i0 < n_terms; i0 += 32) {
-                const int i = i0 + lane;
-                int node_l[G];
-                T a_l[G];
+            const int cnt = (min(32, n_terms - i0) + U - 1) / U * U;  // <= 32: U divides 32
+
+            for (int v0 = 0; v0 < nvec; v0 += 32) {  // warp-uniform column steps
+                const int v = v0 + lane;
+                const bool on = v < nvec;
+                T acc[VEC];
                 #pragma unroll
-                for (int g = 0; g < G; ++g) {
-                    node_l[g] = 0;
-                    a_l[g] = T(0);
-                    if (tok[g] >= 0 && i < n_terms) {
-                        node_l[g] = __ldg(nodes + tok[g] * n_terms + i);
-                        a_l[g] = activation(__ldg(logits + tok[g] * n_terms + i), act);
-                    }
-                }
-                const int cnt = min(32, n_terms - i0);
-                for (int k = 0; k < cnt; ++k) {
-                    const long long tree_rows = (long long)((i0 + k) / levels) * n_nodes;
-                    T w[J][VEC];
-                    int loaded = -1;  // node whose row chunk is in w
+                for (int c = 0; c < VEC; ++c) acc[c] = T(0);
+                for (int k = 0; k < cnt; k += U) {
+                    T ak[U];
+                    T wv[U][VEC];
                     #pragma unroll
-                    for (int g = 0; g < G; ++g) {
-                        const int nd = __shfl_sync(PYFFF_FULL_MASK, node_l[g], k);
-                        const T ag = __shfl_sync(PYFFF_FULL_MASK, a_l[g], k);
-                        if (tok[g] < 0) continue;  // warp-uniform
-                        if (nd != loaded) {        // warp-uniform
-                            const T* __restrict__ wr = w_out + (tree_rows + nd) * d_out;
+                    for (int u = 0; u < U; ++u) {
+                        ak[u] = __shfl_sync(PYFFF_FULL_MASK, a, k + u);
+                        const long long rk = __shfl_sync(PYFFF_FULL_MASK, row, k + u);
+                        if (on) {
+                            load_vec<false>(w_out + rk * d_out + (long long)v * VEC, wv[u]);
+                        } else {
                             #pragma unroll
-                            for (int j = 0; j < J; ++j) {
-                                const int v = v0 + lane + 32 * j;
-                                if (v < nvec) {
-                                    load_vec<false>(wr + (long long)v * VEC, w[j]);
-                                } else {
-                                    #pragma unroll
-                                    for (int c = 0; c < VEC; ++c) w[j][c] = T(0);
-                                }
-                            }
-                            loaded = nd;
+                            for (int c = 0; c < VEC; ++c) wv[u][c] = T(0);
                         }
+                    }
+                    #pragma unroll
+                    for (int u = 0; u < U; ++u) {
                         #pragma unroll
-                        for (int j = 0; j < J; ++j) {
-                            #pragma unroll
-                            for (int c = 0; c < VEC; ++c) acc[g][j][c] = fma(ag, w[j][c], acc[g][j][c]);
-                        }
+                        for (int c = 0; c < VEC; ++c) acc[c] = fma(ak[u], wv[u][c], acc[c]);
                     }
                 }
-            }
-            #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                if (tok[g] < 0) continue;
-                #pragma unroll
-                for (int j = 0; j < J; ++j) {
-                    const int v = v0 + lane + 32 * j;
-                    if (v < nvec) store_vec<T, VEC>(y + tok[g] * d_out + (long long)v * VEC, acc[g][j]);
+                if (on) {
+                    T* __restrict__ dst = yt + (long long)v * VEC;
+                    if (i0 > 0) {  // later batch of terms: add to what this lane stored before
+                        #pragma unroll
+                        for (int c = 0; c < VEC; ++c) acc[c] = dst[c] + acc[c];
+                    }
+                    store_vec<T, VEC>(dst, acc);
                 }
             }
         }
