@@ -124,7 +124,7 @@ def test_byte_swapped_weights_keep_their_precision(weights):
 def test_byte_swapped_input(global_random_seed, dtype):
     """A C-contiguous (n, d_in) input in foreign byte order must be converted, not read as native.
 
-    Regression (fixed in 65f6abc): the fast path of ``BoundLayer.forward``
+    Regression (fixed in 1bb7c59): the fast path of ``BoundLayer.forward``
     checked only ``PyArray_TYPE``, which does not encode the byte order, so
     '>f4' data was read as '<f4' (outputs of 1e+304).
     """
@@ -142,11 +142,9 @@ def test_byte_swapped_input(global_random_seed, dtype):
 def test_unaligned_weights(weights, which, dtype):
     """Weights read from a byte blob at an odd offset (np.frombuffer) must work.
 
-    Fails at 65f6abc: ``_as_float_array`` (pyfff/fff.py) returns such an array
-    as is (C-contiguous, right dtype), and ``_data`` in pyfff/_fff_cpu.pyx
-    now requires ``PyArray_ISALIGNED``, so FFF() raises "internal error:
-    w_in must be a C-contiguous array ...". Fix: in ``_as_float_array``,
-    ``return np.require(np.asarray(arr, dtype=dtype), requirements="CA")``.
+    Regression (fixed in 37188cc): ``_as_float_array`` kept such arrays as
+    they were, and the compiled layer requires aligned data, so FFF() raised
+    "internal error: w_in must be a C-contiguous array ...".
     """
     args = {name: a.astype(dtype) for name, a in zip(("w_in", "b_in", "w_out"), weights)}
     aligned = FFF(args["w_in"], args["b_in"], args["w_out"], n_trees=2)
@@ -262,11 +260,9 @@ def test_read_only_and_memory_mapped_weights(tmp_path, global_random_seed):
 def test_pickle_and_deepcopy(global_random_seed, dtype):
     """A layer survives pickle (multiprocessing, joblib) and copy.deepcopy.
 
-    Fails since d57f8d7: FFF holds a compiled ``_fff_cpu.BoundLayer``, which
-    Cython cannot pickle ("no default __reduce__ due to non-trivial
-    __cinit__"). Fix, in pyfff/fff.py: ``FFF.__reduce__`` returning
-    ``(_rebuild, (self.w_in, self.b_in, self.w_out, self.n_trees,
-    self.activation))`` with a module-level ``_rebuild`` that calls FFF(...).
+    Regression (broken by d57f8d7, fixed in fedb25d): the compiled
+    ``_fff_cpu.BoundLayer`` inside FFF cannot be pickled by Cython ("no
+    default __reduce__ due to non-trivial __cinit__").
     """
     layer, x = random_layer_and_x(global_random_seed, 20, 9, 4, 3, n_trees=2, dtype=dtype, activation="relu")
     for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):

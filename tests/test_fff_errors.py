@@ -192,7 +192,7 @@ def test_n_threads_of_a_wrong_type(layer, n_threads):
 def test_huge_n_threads_is_capped_not_an_error(layer, n_threads, shape):
     """Any positive count is valid; the kernel never starts more threads than tiles.
 
-    Regression (fixed in 65f6abc): ``BoundLayer.forward`` assigned a positive
+    Regression (fixed in 1bb7c59): ``BoundLayer.forward`` assigned a positive
     Python int straight to a C int, so 2**31 raised OverflowError while
     np.int64(2**40) was capped by ``_openmp_effective_n_threads``.
     """
