@@ -256,15 +256,17 @@ def test_read_only_and_memory_mapped_weights(tmp_path, global_random_seed):
     compare_with_reference(layer, x)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pickle_and_deepcopy(global_random_seed, dtype):
+def test_pickle_and_deepcopy(global_random_seed, dtype, bias):
     """A layer survives pickle (multiprocessing, joblib) and copy.deepcopy.
 
     Regression (broken by d57f8d7, fixed in fedb25d): the compiled
     ``_fff_cpu.BoundLayer`` inside FFF cannot be pickled by Cython ("no
     default __reduce__ due to non-trivial __cinit__").
     """
-    layer, x = random_layer_and_x(global_random_seed, 20, 9, 4, 3, n_trees=2, dtype=dtype, activation="relu")
+    layer, x = random_layer_and_x(global_random_seed, 20, 9, 4, 3, n_trees=2, dtype=dtype, activation="relu",
+                                  bias=bias)
     for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
         assert repr(clone) == repr(layer)
         np.testing.assert_array_equal(clone(x), layer(x), strict=True)
