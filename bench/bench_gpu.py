@@ -45,22 +45,17 @@ DENSE_NEURONS = 2 ** (DEPTH + 1) - 1
 BATCHES = (1, 2048, 16384)
 
 # name -> keyword arguments of pyfff.gpu.FFF._run (splits, sort_output, variant); None: the public call
-# layer(x) with the layer's defaults. Variants: fff_route with one token per warp and x in registers (reg),
-# or R tokens per warp with x in shared memory (R1smem, R2smem); block sizes.
-_REG = {"route_tokens": 1, "route_xsmem": False, "route_block": 256, "out_block": 256}
-_R1S = {"route_tokens": 1, "route_xsmem": True, "route_block": 256, "out_block": 256}
-_R2S = {"route_tokens": 2, "route_xsmem": True, "route_block": 256, "out_block": 256}
-_BIG = {"route_tokens": 1, "route_xsmem": False, "route_block": 768, "out_block": 768}
+# layer(x) with the layer's defaults (batch order, 256-thread blocks).
+_B768 = {"route_block": 768, "out_block": 768}
 FFF_SCHEDULES = {
     "pyfff_gpu": None,
-    "direct,reg": {"splits": (), "sort_output": False, "variant": _REG},
-    "direct,R1smem": {"splits": (), "sort_output": False, "variant": _R1S},
-    "direct,R2smem": {"splits": (), "sort_output": False, "variant": _R2S},
-    "direct,768-blocks": {"splits": (), "sort_output": False, "variant": _BIG},
-    "leafsort,reg": {"splits": (), "sort_output": True, "variant": _REG},
-    "leafsort,R2smem": {"splits": (), "sort_output": True, "variant": _R2S},
-    "split6,reg": {"splits": (6,), "sort_output": True, "variant": _REG},
-    "split6,R2smem": {"splits": (6,), "sort_output": True, "variant": _R2S},
+    "direct": {"splits": (), "sort_output": False},
+    "direct,768-blocks": {"splits": (), "sort_output": False, "variant": _B768},
+    "leafsort": {"splits": (), "sort_output": True},
+    "split6": {"splits": (6,), "sort_output": True},
+    "split6,768-blocks": {"splits": (6,), "sort_output": True, "variant": _B768},
+    "split4": {"splits": (4,), "sort_output": True},
+    "split6,unsorted-output": {"splits": (6,), "sort_output": False},
 }
 FFF_SCHEDULES = {k if v is None else f"pyfff_gpu[{k}]": v for k, v in FFF_SCHEDULES.items()}
 

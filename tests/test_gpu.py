@@ -277,23 +277,16 @@ def test_schedules_deep_tree(splits, sort_output, dtype):
     check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
 
 
-VARIANTS = [  # every compiled fff_route variant, both fff_output block sizes
-    {"route_tokens": 1, "route_xsmem": False, "route_block": 256, "out_block": 256},
-    {"route_tokens": 1, "route_xsmem": False, "route_block": 768, "out_block": 768},
-    {"route_tokens": 1, "route_xsmem": True, "route_block": 256, "out_block": 768},
-    {"route_tokens": 2, "route_xsmem": True, "route_block": 256, "out_block": 256},
-]
+VARIANTS = [{"route_block": rb, "out_block": ob} for rb in (256, 768) for ob in (256, 768)]
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", VARIANTS,
-                         ids=lambda v: "R{route_tokens}{xs}x{route_block}-out{out_block}".format(
-                             xs="smem" if v["route_xsmem"] else "reg", **v))
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "route{route_block}-out{out_block}".format(**v))
 @pytest.mark.parametrize("splits,sort_output", [((), False), ((), True), ((3,), True)])
 @pytest.mark.parametrize("dtype,d_in,d_out", [(np.float32, 768, 768), (np.float32, 17, 9), (np.float64, 40, 30),
                                               (np.float64, 1100, 7)])
 def test_kernel_variants(variant, splits, sort_output, dtype, d_in, d_out):
-    """Every compiled kernel variant, on odd batches (a warp's last group of tokens is partial)."""
+    """Both block sizes of both kernels, on batches that leave blocks partly empty."""
     import cupy as cp
 
     cpu, gpu = make_layer(d_in, d_out, depth=6, n_trees=2, dtype=dtype, seed=d_in)
@@ -322,8 +315,7 @@ def test_bad_schedule():
     for splits in [(0,), (6,), (3, 2), (2, 2)]:
         with pytest.raises(ValueError, match="splits"):
             gpu._run(x, want_output=True, splits=splits, sort_output=True)
-    for variant in ({"route_tokens": 2}, {"route_xsmem": True, "route_block": 768}, {"out_block": 512},
-                    {"threads": 1}):
+    for variant in ({"route_block": 512}, {"out_block": 1024}, {"threads": 1}):
         with pytest.raises(ValueError, match="variant"):
             gpu._run(x, want_output=True, variant=variant)
 

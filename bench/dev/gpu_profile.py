@@ -20,12 +20,9 @@ import pyfff
 import pyfff.gpu
 
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
-    "direct,reg": {"splits": (), "sort_output": False,
-                   "variant": {"route_tokens": 1, "route_xsmem": False, "route_block": 256, "out_block": 256}},
-    "direct,R2smem": {"splits": (), "sort_output": False,
-                      "variant": {"route_tokens": 2, "route_xsmem": True, "route_block": 256, "out_block": 256}},
-    "split6,R2smem": {"splits": (6,), "sort_output": True,
-                      "variant": {"route_tokens": 2, "route_xsmem": True, "route_block": 256, "out_block": 256}},
+    "direct": {"splits": (), "sort_output": False},
+    "split6": {"splits": (6,), "sort_output": True},
+    "leafsort": {"splits": (), "sort_output": True},
 }
 
 

@@ -3,7 +3,7 @@
 Run: compute-sanitizer --tool memcheck --error-exitcode 3 python bench/dev/gpu_sanitize.py
 (and --tool racecheck for the shared-memory scan of fff_bucket_scatter). Batches that are not
 multiples of a block or of the scatter tile, widths that force the scalar-load path, depth 0,
-depth 13 (4096 buckets), several trees, both dtypes, every schedule and kernel variant: any out-of-bounds
+depth 13 (4096 buckets), several trees, both dtypes, every schedule and both block sizes: any out-of-bounds
 access or race shows up as a sanitizer error. Results are checked for finiteness only; the
 reference comparison is tests/test_gpu.py's job.
 """
@@ -26,11 +26,7 @@ CASES = [
     (257, 20, 36, 12, 3, np.float32),  # 39 terms per token: fff_output's second batch of terms
 ]
 SCHEDULES = [((), False), ((), True), ("mid", True), ("mid", False)]
-VARIANTS = [  # fff_route's tokens per warp, x in shared memory or registers, block sizes
-    {"route_tokens": 1, "route_xsmem": False, "route_block": 256, "out_block": 256},
-    {"route_tokens": 1, "route_xsmem": True, "route_block": 256, "out_block": 768},
-    {"route_tokens": 2, "route_xsmem": True, "route_block": 256, "out_block": 256},
-]
+VARIANTS = [{"route_block": 256, "out_block": 768}, {"route_block": 768, "out_block": 256}]  # threads per block
 
 
 def main():

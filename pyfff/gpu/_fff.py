@@ -46,16 +46,13 @@ _INT32_MAX = 2**31 - 1
 # _run(splits=..., sort_output=...) and are tested.
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
-# Kernel variants: fff_route's tokens per warp, whether x sits in shared memory (else registers), and threads
-# per block (x in registers: 256 or 768; in shared memory: 256); fff_output's threads per block (256 or 768).
-_VARIANT = {"route_tokens": 1, "route_xsmem": False, "route_block": 256, "out_block": 256}
-_ROUTE_VARIANTS = ((1, False, 256), (1, False, 768), (1, True, 256), (2, True, 256))
-_MAX_SMEM = 220 * 1024  # dynamic shared memory per block that fff_route may ask for
+# Kernel variants: threads per block of fff_route and fff_output (256: three blocks per SM, or 768: one).
+_VARIANT = {"route_block": 256, "out_block": 256}
+_BLOCKS = (256, 768)
 _MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
 
 _ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
 _FUNC_ATTR_NUM_REGS = 4  # CU_FUNC_ATTRIBUTE_NUM_REGS
-_FUNC_ATTR_MAX_DYNAMIC_SMEM = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _FUNC_ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 
 
@@ -80,7 +77,7 @@ def _kernel(name):
     from . import _loader  # imports CuPy
 
     kernel = _loader.get_kernel(_KERNEL_FILE, name)
-    if name.startswith("fff_output") or (name.startswith("fff_route") and name.endswith("false>")):
+    if name.startswith(("fff_route", "fff_output")):
         # no shared memory: ask for the largest L1 (carveout 0 %), where weight rows are cached
         _cupy().cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_CARVEOUT, 0)
     return kernel
@@ -94,21 +91,20 @@ class _Launch:
     time instead of CuPy's per-argument conversion.
     """
 
-    __slots__ = ("kernel", "fptr", "grid", "block", "smem", "cargs", "params")
+    __slots__ = ("kernel", "fptr", "grid", "block", "cargs", "params")
 
-    def __init__(self, kernel, grid, block, cargs, smem=0):
+    def __init__(self, kernel, grid, block, cargs):
         self.kernel = kernel
         self.fptr = kernel.kernel.ptr
         self.grid = int(grid)
         self.block = int(block)
-        self.smem = int(smem)
         self.cargs = cargs
         self.params = (ctypes.c_void_p * len(cargs))(*[ctypes.addressof(a) for a in cargs])
 
 
 def _launch(launch, stream_ptr):
     """Enqueue ``launch`` on the stream; CUDA errors raise ``CUDADriverError``."""
-    _cupy().cuda.driver.launchKernel(launch.fptr, launch.grid, 1, 1, launch.block, 1, 1, launch.smem, stream_ptr,
+    _cupy().cuda.driver.launchKernel(launch.fptr, launch.grid, 1, 1, launch.block, 1, 1, 0, stream_ptr,
                                      ctypes.addressof(launch.params), 0)
 
 
@@ -116,15 +112,13 @@ def _ptr(arr):
     return ctypes.c_void_p(arr.data.ptr)
 
 
-def _grid(kernel, block, n_items, device_id, smem=0):
+def _grid(kernel, block, n_items, device_id):
     """Blocks for ``n_items`` warps' worth of work: at most what fits on the device at once (one contiguous
     chunk of positions per block), at least one."""
     cp = _cupy()
     regs = cp.cuda.driver.funcGetAttribute(_FUNC_ATTR_NUM_REGS, kernel.kernel.ptr)
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     per_sm = max(1, min(2048 // block, 65536 // (regs_per_warp * (block // 32))))
-    if smem:
-        per_sm = max(1, min(per_sm, (228 * 1024) // (smem + 1024)))
     n_sm = cp.cuda.runtime.deviceGetAttribute(_ATTR_SM_COUNT, device_id)
     return max(1, min(-(-n_items // (block // 32)), per_sm * n_sm))
 
@@ -148,12 +142,9 @@ class _Plan:
         self.x_arg = ctypes.c_void_p(0)
         self.y_arg = ctypes.c_void_p(0)
         self._keep = [keys]  # buffers referenced only by launch arguments
-        r_tokens, r_xs, r_block = variant["route_tokens"], variant["route_xsmem"], variant["route_block"]
-        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {r_tokens}, {'true' if r_xs else 'false'}>")
-        r_smem = (r_block // 32) * r_tokens * layer.d_in * layer.dtype.itemsize if r_xs else 0
-        if r_smem > 48 * 1024:
-            cp.cuda.driver.funcSetAttribute(route.kernel.ptr, _FUNC_ATTR_MAX_DYNAMIC_SMEM, r_smem)
-        route_grid = _grid(route, r_block, -(-n // r_tokens), layer.device_id, r_smem)
+        r_block = variant["route_block"]
+        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}>")
+        route_grid = _grid(route, r_block, n, layer.device_id)
         scatter = _kernel("fff_bucket_scatter")
         dummy = layer._dummy
         has_bias = layer.b_in is not None
@@ -179,7 +170,7 @@ class _Plan:
                     self.x_arg, i64(n), i32(layer.d_in), _ptr(layer.w_in), _ptr(b_in), i32(has_bias),
                     i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi),
                     _ptr(dummy if order is None else order), i32(order is not None),
-                    _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts)], r_smem))
+                    _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts)]))
                 if key_level >= 0:
                     perm = cp.empty(n, dtype=cp.int32)
                     self._keep.append(perm)
@@ -211,17 +202,14 @@ class _Plan:
             _launch(launch, stream_ptr)
 
 
-def _check_variant(variant, d_in, itemsize):
-    """``_VARIANT`` updated with ``variant``; ValueError for combinations that are not compiled or do not fit."""
+def _check_variant(variant):
+    """``_VARIANT`` updated with ``variant``; ValueError for unknown keys or block sizes."""
     merged = dict(_VARIANT)
     merged.update(variant or {})
     if set(merged) != set(_VARIANT):
         raise ValueError(f"unknown variant keys {sorted(set(merged) - set(_VARIANT))}")
-    route = (merged["route_tokens"], bool(merged["route_xsmem"]), merged["route_block"])
-    if route not in _ROUTE_VARIANTS or merged["out_block"] not in (256, 768):
-        raise ValueError(f"no compiled kernels for variant {merged}")
-    if route[1] and (route[2] // 32) * route[0] * d_in * itemsize > _MAX_SMEM:
-        raise ValueError(f"variant {merged} needs more shared memory than a block has at d_in={d_in}")
+    if any(merged[k] not in _BLOCKS for k in merged):
+        raise ValueError(f"no compiled kernels for variant {merged}: blocks of {_BLOCKS} threads")
     return merged
 
 
@@ -377,7 +365,7 @@ class FFF:
         splits, sort_output = self._check_schedule(default_splits if splits is None else splits,
                                                    default_sort if sort_output is None else sort_output)
         sort_output = sort_output and want_output
-        variant = _check_variant(variant, self.d_in, self.dtype.itemsize)
+        variant = _check_variant(variant)
         y = cp.empty((n, self.d_out), dtype=self.dtype) if want_output else None
         if n == 0:
             levels = self.depth + 1

@@ -22,13 +22,9 @@ _OPTIONS = ("-std=c++17",)
 # C++ type and the vector widths (elements per 16-byte load, or 1) compiled for it.
 _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 
-# fff_route's (tokens per warp, x in shared memory) variants
-_ROUTE_VARIANTS = ((1, "false"), (1, "true"), (2, "true"))
-
 NAME_EXPRESSIONS = {
-    "fff.cu": tuple(f"fff_route<{ctype}, {vec}, {r}, {xs}>" for ctype, vecs in _TYPES for vec in vecs
-                    for r, xs in _ROUTE_VARIANTS)
-    + tuple(f"fff_output<{ctype}, {vec}>" for ctype, vecs in _TYPES for vec in vecs),
+    "fff.cu": tuple(f"{kernel}<{ctype}, {vec}>" for kernel in ("fff_route", "fff_output")
+                    for ctype, vecs in _TYPES for vec in vecs),
 }
 
 

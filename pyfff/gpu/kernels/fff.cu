@@ -1,15 +1,15 @@
 // pyfff's CUDA kernels for fast feedforward (FFF) inference.
 //
 // Loaded by pyfff/gpu/_loader.py with cupy.RawModule (NVRTC, C++17); the
-// templates are instantiated through name expressions, one per dtype, vector
-// width and tokens per warp:
+// templates are instantiated through name expressions, one per dtype and
+// vector width:
 //
-//   fff_route<T, VEC, R>   one warp per R tokens walks levels [lo, hi) of one
-//                          tree, stores the visited node and its logit per
-//                          level and, optionally, the token's bucket key.
-//   fff_bucket_scatter     counting sort of the tokens by that key (extern "C").
-//   fff_output<T, VEC>     one warp per token: y = sum over trees and levels of
-//                          act(logit) * w_out[row], written once.
+//   fff_route<T, VEC>    one warp per token walks levels [lo, hi) of one tree,
+//                        stores the visited node and its logit per level and,
+//                        optionally, the token's bucket key.
+//   fff_bucket_scatter   counting sort of the tokens by that key (extern "C").
+//   fff_output<T, VEC>   one warp per token: y = sum over trees and levels of
+//                        act(logit) * w_out[row], written once.
 //
 // T is float or double; VEC is the number of T per load (16 bytes: 4 floats or
 // 2 doubles, or 1 when a width or a pointer does not allow 16-byte loads; the
@@ -35,8 +35,6 @@
 #define PYFFF_SCATTER_ITEMS 2
 // Largest block of fff_route (one token per warp) and fff_output; the host launches 256 or 768 threads.
 #define PYFFF_MAX_BLOCK 768
-// fff_output: terms whose row vectors are loaded together (divides 32).
-#define PYFFF_OUT_UNROLL 8
 
 #define PYFFF_ACT_GELU 0
 #define PYFFF_ACT_GELU_TANH 1
@@ -138,19 +136,12 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
 // fff_bucket_scatter those are tokens of the same subtree, whose rows the
 // block then reads from L1. Token of position p: order[p] if use_order else p.
 //
-// A warp walks R neighbouring tokens together: their row loads, dot products
-// and shuffle reductions are independent, so their latencies overlap (a walk is
-// a chain of dependent loads). XS = false keeps each token's row of x in
-// registers (R = 1; up to PYFFF_MAX_BLOCK threads); XS = true keeps the R rows
-// of each warp in dynamic shared memory (blockDim / 32 * R * d_in elements;
-// 256-thread blocks), which frees the registers for more tokens in flight.
-//
 // lo > 0 continues a walk: the start node is the child chosen by the node and
 // logit stored at level lo - 1. key_level in [lo, hi] (or -1: none) names the
 // level whose node becomes the token's bucket key (key_level == hi: the next
 // node to visit); keys[tok] = node - (2**key_level - 1) and counts[key] += 1.
-template <typename T, int VEC, int R, bool XS>
-__global__ void __launch_bounds__(XS ? 256 : PYFFF_MAX_BLOCK, XS ? (R == 1 ? 4 : 2) : 1) fff_route(
+template <typename T, int VEC>
+__global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route(
     const T* __restrict__ x,         // IN  (n, d_in)
     const long long n,
     const int d_in,                  // multiple of VEC
@@ -178,139 +169,72 @@ __global__ void __launch_bounds__(XS ? 256 : PYFFF_MAX_BLOCK, XS ? (R == 1 ? 4 :
     const long long n_nodes = (2LL << depth) - 1;
     const PositionRange range = block_positions(n);
 
-    for (long long p0 = range.begin + (long long)warp * R; p0 < range.end; p0 += (long long)n_warps * R) {
-        // Slot 0 always holds a token (p0 < range.end); an empty slot r walks slot 0's token again so that
-        // every slot's loads are valid and can be issued together, and its results are dropped (valid[r]).
-        long long tok[R];
-        bool valid[R];  // warp-uniform
-        #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const long long t = (p0 + r < range.end) ? token_at(order, use_order, p0 + r, n) : -1;
-            valid[r] = t >= 0;
-            tok[r] = t;
-        }
-        if (!valid[0]) continue;  // never, for a valid permutation
-        #pragma unroll
-        for (int r = 1; r < R; ++r) if (!valid[r]) tok[r] = tok[0];
+    for (long long p = range.begin + warp; p < range.end; p += n_warps) {  // warp-uniform
+        const long long tok = token_at(order, use_order, p, n);
+        if (tok < 0) continue;  // never, for a valid permutation
+        const T* __restrict__ xt = x + tok * d_in;
 
-        // Each token's row of x: in registers for all levels (first PYFFF_MAXV vectors per lane), or in this
-        // warp's part of shared memory (XS).
-        T xr[XS ? 1 : R][PYFFF_MAXV][VEC];
-        extern __shared__ __align__(16) unsigned char pyfff_smem[];
-        T* __restrict__ xs = reinterpret_cast<T*>(pyfff_smem) + (long long)warp * R * d_in;
-        long long node[R], base[R], key_node[R];
+        // The token's row of x stays in registers for all levels (first PYFFF_MAXV vectors per lane).
+        T xr[PYFFF_MAXV][VEC];
         #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if constexpr (XS) {
-                for (int v = lane; v < nvec; v += 32) {
-                    T t[VEC];
-                    load_vec<true>(x + tok[r] * d_in + (long long)v * VEC, t);
-                    #pragma unroll
-                    for (int c = 0; c < VEC; ++c) xs[r * d_in + v * VEC + c] = t[c];
-                }
+        for (int j = 0; j < PYFFF_MAXV; ++j) {
+            const int v = lane + 32 * j;
+            if (v < nvec) {
+                load_vec<true>(xt + (long long)v * VEC, xr[j]);
             } else {
                 #pragma unroll
-                for (int j = 0; j < PYFFF_MAXV; ++j) {
-                    const int v = lane + 32 * j;
-                    if (v < nvec) {
-                        load_vec<true>(x + tok[r] * d_in + (long long)v * VEC, xr[r][j]);
-                    } else {
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) xr[r][j][c] = T(0);
-                    }
-                }
+                for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
             }
-            base[r] = (tok[r] * n_trees + tree) * levels;
-            node[r] = 0;
-            if (lo > 0) node[r] = 2LL * nodes[base[r] + lo - 1] + 1 + (logits[base[r] + lo - 1] > T(0) ? 1 : 0);
-            key_node[r] = 0;
         }
-        if constexpr (XS) __syncwarp();
+
+        const long long base = (tok * n_trees + tree) * levels;
+        long long node = 0;
+        if (lo > 0) node = 2LL * nodes[base + lo - 1] + 1 + (logits[base + lo - 1] > T(0) ? 1 : 0);
+        long long key_node = 0;
 
         for (int level = lo; level < hi; ++level) {
-            // all R rows' loads first, so that their latencies overlap
-            T wv[R][PYFFF_MAXV][VEC];
-            T bias[R];
+            const long long row = (long long)tree * n_nodes + node;
+            const T* __restrict__ w = w_in + row * d_in;
+            T acc[VEC];
             #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const long long row = (long long)tree * n_nodes + node[r];
-                bias[r] = has_bias ? __ldg(b_in + row) : T(0);
-                #pragma unroll
-                for (int j = 0; j < PYFFF_MAXV; ++j) {
-                    const int v = lane + 32 * j;
-                    if (v < nvec) {
-                        load_vec<false>(w_in + row * d_in + (long long)v * VEC, wv[r][j]);
-                    } else {
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) wv[r][j][c] = T(0);
-                    }
-                }
-            }
-            T s[R];
+            for (int c = 0; c < VEC; ++c) acc[c] = T(0);
             #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                T acc[VEC];
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[c] = T(0);
-                #pragma unroll
-                for (int j = 0; j < PYFFF_MAXV; ++j) {
-                    if constexpr (XS) {
-                        const int v = lane + 32 * j;
-                        if (v < nvec) {
-                            #pragma unroll
-                            for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[r][j][c], xs[r * d_in + v * VEC + c], acc[c]);
-                        }
-                    } else {
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[r][j][c], xr[r][j][c], acc[c]);
-                    }
-                }
-                const T* __restrict__ w = w_in + ((long long)tree * n_nodes + node[r]) * d_in;
-                const T* __restrict__ xt = XS ? xs + r * d_in : x + tok[r] * d_in;
-                for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the cache
-                    T wt[VEC], xv[VEC];
-                    load_vec<false>(w + (long long)v * VEC, wt);
-                    if constexpr (XS) {
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) xv[c] = xt[v * VEC + c];
-                    } else {
-                        load_vec<false>(xt + (long long)v * VEC, xv);
-                    }
+            for (int j = 0; j < PYFFF_MAXV; ++j) {
+                const int v = lane + 32 * j;
+                if (v < nvec) {
+                    T wv[VEC];
+                    load_vec<false>(w + (long long)v * VEC, wv);
                     #pragma unroll
-                    for (int c = 0; c < VEC; ++c) acc[c] = fma(wt[c], xv[c], acc[c]);
+                    for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[j][c], acc[c]);
                 }
-                s[r] = acc[0];
+            }
+            for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the register cache
+                T wv[VEC], xv[VEC];
+                load_vec<false>(w + (long long)v * VEC, wv);
+                load_vec<false>(xt + (long long)v * VEC, xv);
                 #pragma unroll
-                for (int c = 1; c < VEC; ++c) s[r] += acc[c];
+                for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
             }
+            T s = acc[0];
             #pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) {  // the R reductions interleaved
-                #pragma unroll
-                for (int r = 0; r < R; ++r) s[r] += __shfl_xor_sync(PYFFF_FULL_MASK, s[r], offset);
-            }
+            for (int c = 1; c < VEC; ++c) s += acc[c];
             #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                T z = __shfl_sync(PYFFF_FULL_MASK, s[r], 0);
-                if (has_bias) z += bias[r];
-                if (lane == 0 && valid[r]) {
-                    nodes[base[r] + level] = (int)node[r];
-                    logits[base[r] + level] = z;
-                }
-                if (level == key_level) key_node[r] = node[r];
-                node[r] = 2 * node[r] + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
+            for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(PYFFF_FULL_MASK, s, offset);
+            T z = __shfl_sync(PYFFF_FULL_MASK, s, 0);
+            if (has_bias) z += __ldg(b_in + row);
+            if (lane == 0) {
+                nodes[base + level] = (int)node;
+                logits[base + level] = z;
             }
+            if (level == key_level) key_node = node;
+            node = 2 * node + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
         }
-        if constexpr (XS) __syncwarp();  // the next tokens overwrite xs
-        #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (!valid[r]) continue;
-            if (key_level == hi) key_node[r] = node[r];
-            if (key_level >= 0 && lane == 0) {
-                const long long key = key_node[r] - ((1LL << key_level) - 1);
-                if (key >= 0 && key < (1LL << key_level)) {
-                    keys[tok[r]] = (int)key;
-                    atomicAdd(counts + key, 1);
-                }
+        if (key_level == hi) key_node = node;
+        if (key_level >= 0 && lane == 0) {
+            const long long key = key_node - ((1LL << key_level) - 1);
+            if (key >= 0 && key < (1LL << key_level)) {
+                keys[tok] = (int)key;
+                atomicAdd(counts + key, 1);
             }
         }
     }
@@ -401,13 +325,10 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
 // y[tok] = sum over trees t and levels l of act(logits[tok, t, l]) * w_out[t * n_nodes + nodes[tok, t, l]],
 // summed in that order (trees outer, levels inner, like the NumPy reference), written once.
 //
-// One warp per token. Each lane computes one term's row and activation (up to
-// 32 terms per batch); then, for each column vector, the warp broadcasts the
-// terms PYFFF_OUT_UNROLL at a time and issues all their row loads before the
-// FMAs, so that many independent loads are in flight (the kernel is bound by
-// load latency, not bandwidth). Terms past the end are padded with a zero
-// activation on row 0, which adds exactly 0. With more than 32 terms, later
-// batches add to y (read back by the same lane that wrote it).
+// One warp per token. Each lane computes one term's row and activation (32
+// terms per batch), broadcast with shuffles; the lanes stream each row with
+// VEC-wide loads into accumulators for a column chunk of 32 * PYFFF_MAXV
+// vectors (the whole row up to width 768 in float32) held in registers.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const int* __restrict__ nodes,   // IN  (n, n_trees, depth + 1)
@@ -422,7 +343,7 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const int use_order,
     T* __restrict__ y)               // OUT (n, d_out)
 {
-    constexpr int U = PYFFF_OUT_UNROLL;
+    constexpr int J = PYFFF_MAXV;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
@@ -439,50 +360,43 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
         const T* __restrict__ tz = logits + tok * n_terms;
         T* __restrict__ yt = y + tok * d_out;
 
-        for (int i0 = 0; i0 < n_terms; i0 += 32) {
-            const int i = i0 + lane;
-            T a = T(0);
-            long long row = 0;  // padding: row 0 with a zero activation
-            if (i < n_terms) {
-                row = (long long)(i / levels) * n_nodes + __ldg(tn + i);
-                a = activation(__ldg(tz + i), act);
-            }
-            const int cnt = (min(32, n_terms - i0) + U - 1) / U * U;  // <= 32: U divides 32
-
-            for (int v0 = 0; v0 < nvec; v0 += 32) {  // warp-uniform column steps
-                const int v = v0 + lane;
-                const bool on = v < nvec;
-                T acc[VEC];
+        for (int v0 = 0; v0 < nvec; v0 += 32 * J) {  // column chunks
+            T acc[J][VEC];
+            #pragma unroll
+            for (int j = 0; j < J; ++j) {
                 #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[c] = T(0);
-                for (int k = 0; k < cnt; k += U) {
-                    T ak[U];
-                    T wv[U][VEC];
+                for (int c = 0; c < VEC; ++c) acc[j][c] = T(0);
+            }
+            for (int i0 = 0; i0 < n_terms; i0 += 32) {
+                const int i = i0 + lane;
+                int node_l = 0;
+                T a_l = T(0);
+                if (i < n_terms) {
+                    node_l = __ldg(tn + i);
+                    a_l = activation(__ldg(tz + i), act);
+                }
+                const int cnt = min(32, n_terms - i0);
+                for (int k = 0; k < cnt; ++k) {
+                    const long long tree_rows = (long long)((i0 + k) / levels) * n_nodes;
+                    const int nd = __shfl_sync(PYFFF_FULL_MASK, node_l, k);
+                    const T ak = __shfl_sync(PYFFF_FULL_MASK, a_l, k);
+                    const T* __restrict__ wr = w_out + (tree_rows + nd) * d_out;
                     #pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        ak[u] = __shfl_sync(PYFFF_FULL_MASK, a, k + u);
-                        const long long rk = __shfl_sync(PYFFF_FULL_MASK, row, k + u);
-                        if (on) {
-                            load_vec<false>(w_out + rk * d_out + (long long)v * VEC, wv[u]);
-                        } else {
+                    for (int j = 0; j < J; ++j) {
+                        const int v = v0 + lane + 32 * j;
+                        if (v < nvec) {
+                            T w[VEC];
+                            load_vec<false>(wr + (long long)v * VEC, w);
                             #pragma unroll
-                            for (int c = 0; c < VEC; ++c) wv[u][c] = T(0);
+                            for (int c = 0; c < VEC; ++c) acc[j][c] = fma(ak, w[c], acc[j][c]);
                         }
                     }
-                    #pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) acc[c] = fma(ak[u], wv[u][c], acc[c]);
-                    }
                 }
-                if (on) {
-                    T* __restrict__ dst = yt + (long long)v * VEC;
-                    if (i0 > 0) {  // later batch of terms: add to what this lane stored before
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) acc[c] = dst[c] + acc[c];
-                    }
-                    store_vec<T, VEC>(dst, acc);
-                }
+            }
+            #pragma unroll
+            for (int j = 0; j < J; ++j) {
+                const int v = v0 + lane + 32 * j;
+                if (v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
             }
         }
     }
