@@ -16,10 +16,11 @@ from . import _fff_cpu
 from ._openmp_helpers import _openmp_effective_n_threads
 from .reference import ACTIVATIONS, depth_from_rows
 
-__all__ = ["FFF", "MAX_DEPTH"]
+__all__ = ["FFF", "MAX_DEPTH", "MAX_ROWS"]
 
 # Node indices are int32 inside the kernels; depth 24 is already 33 M neurons per tree.
 MAX_DEPTH = 24
+MAX_ROWS = 2**31 - 1  # n_trees * n_nodes: row indices are int32 inside the kernels
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -80,6 +81,9 @@ class FFF:
     """
 
     def __init__(self, w_in, b_in, w_out, *, n_trees=1, activation="gelu"):
+        # Checked before any conversion copies: row indices are int32 in the kernels.
+        if np.ndim(w_in) >= 1 and np.shape(w_in)[0] > MAX_ROWS:
+            raise ValueError(f"w_in has {np.shape(w_in)[0]} neuron rows; at most {MAX_ROWS} are supported")
         w_in = _as_float_array(w_in, "w_in")
         dtype = w_in.dtype
         w_out = _as_float_array(w_out, "w_out", dtype)
