@@ -100,8 +100,10 @@ static const char *fff_simd_variant(void)
     return "compile-time AVX-512 (no runtime dispatch)";
 #elif defined(__AVX2__)
     return "compile-time AVX2 (no runtime dispatch)";
+#elif FFF_VECTOR_EXT
+    return "compile-time baseline, vector extensions (no runtime dispatch)";
 #else
-    return "portable C (no runtime dispatch)";
+    return "scalar C twin (no runtime dispatch)";
 #endif
 }
 
