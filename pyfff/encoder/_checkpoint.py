@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._safetensors import CheckpointError, read_safetensors
+from ._safetensors import CheckpointError, read_safetensors, release_pages
 
 __all__ = ["EncoderConfig", "FORMAT", "FORMAT_VERSION", "read_folder", "kernel_param_shapes",
            "sinusoidal_table"]
@@ -659,6 +659,10 @@ def read_folder(folder):
         raise CheckpointError(f"{st_path}: unexpected tensors {shown}: the config does not explain them "
                               "(a variant pyfff does not implement?)")
     _check_tensors(st_path, params, kernel_param_shapes(cfg))
+    # the source pages of tensors that were copied into a new layout (fused QKV, node-major FFF output,
+    # (in, out) weights) were read once; drop them so that RSS holds each weight once
+    kept = list(params.values())
+    release_pages([a for a in t.values() if not any(np.may_share_memory(a, k) for k in kept)])
     _tokenizer_side(cfg, folder)
     return cfg, params, raw
 

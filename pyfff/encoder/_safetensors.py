@@ -1,7 +1,7 @@
 """Memory-mapped, validating safetensors reader and a plain writer.
 
 Contract: :func:`read_safetensors` never copies a float32 tensor: every array
-it returns is a read-only view of one ``np.memmap`` of the file, so loading a
+it returns is a read-only view of one read-only ``mmap`` of the file, so loading a
 checkpoint costs page-table entries, not RAM, until the pages are touched.
 Other float dtypes (float16, bfloat16, float64) are widened/narrowed to
 float32 (the only copies). Any inconsistency of the file (truncated, a header
@@ -17,11 +17,12 @@ also copies on ``get_tensor``. The format is simple enough to map directly:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 
 import numpy as np
 
-__all__ = ["CheckpointError", "read_safetensors", "write_safetensors"]
+__all__ = ["CheckpointError", "read_safetensors", "release_pages", "write_safetensors"]
 
 # safetensors dtype codes we can turn into float32 (int tensors are accepted too:
 # BERT checkpoints carry an int64 ``position_ids`` buffer we simply ignore)
@@ -125,7 +126,10 @@ def read_safetensors(path):
     tensors = {}
     if not entries:
         return tensors, metadata
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) if data_size else None
+    with open(path, "rb") as fh:
+        # read-only shared mapping; np.frombuffer views of it are read-only arrays whose base
+        # chain ends in the mmap object (release_pages uses that)
+        mm = np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8, offset=data_start)
     for begin, end, name, code, shape in entries:
         if end == begin:
             dt = np.float32 if code in ("F64", "F32", "F16", "BF16") else _DTYPES[code]
@@ -142,9 +146,41 @@ def read_safetensors(path):
             arr = raw.view(_DTYPES[code]).astype(np.float32).reshape(shape)
         else:
             arr = raw.view(_DTYPES[code]).reshape(shape)
-        # plain ndarray view (not np.memmap) so arithmetic results are ordinary arrays
-        tensors[name] = arr.view(np.ndarray) if isinstance(arr, np.memmap) else arr
+        tensors[name] = arr
     return tensors, metadata
+
+
+def _mapping_of(arr):
+    """The ``mmap.mmap`` an array views, or None."""
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+        return base.obj
+    return None
+
+
+def release_pages(arrays):
+    """Drop the resident pages of mapped tensors that are no longer needed (e.g. copied into a new layout).
+
+    Only whole pages inside each array are released, so neighbouring tensors keep theirs; the data stay
+    valid (a later read faults the pages back in from the file). Arrays that are not views of a mapping
+    are ignored. No-op where ``madvise`` is unavailable.
+    """
+    if not hasattr(mmap.mmap, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    for arr in arrays:
+        mm = _mapping_of(arr)
+        if mm is None or arr.size == 0:
+            continue
+        start_addr = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+        begin = arr.ctypes.data - start_addr
+        end = begin + arr.nbytes
+        begin = -(-begin // page) * page
+        end = end // page * page
+        if end > begin:
+            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 def write_safetensors(path, tensors, metadata=None):
