@@ -41,9 +41,9 @@ _INT32_MAX = 2**31 - 1
 
 # Schedule default (docs/gpu.md has the measurements behind it): no re-sorting. On the H100, at width 768 and
 # depth 11, the sorted schedules (re-sort at level 6 and/or by leaf) raised L1 hit rates but were 3-15 % slower
-# than batch order at batch 16384 and slower still at 2048 and 1: the kernels are bound by the latency of
-# each token's chain of dependent row loads, which grouping does not shorten. They stay selectable through
-# _run(splits=..., sort_output=...) and are tested.
+# than batch order at batch 16384 and slower still at 2048 and 1: the extra route stage, sort and re-read of x
+# cost more than the better L1 hit rates saved. They stay selectable through _run(splits=..., sort_output=...)
+# and are tested.
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
 # Kernel variants: threads per block of fff_route and fff_output (256: three blocks per SM, or 768: one).
