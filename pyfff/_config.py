@@ -30,7 +30,22 @@ def _config_dict():
         "simd_variant": _fff_cpu.simd_variant(),
         "blas": [f"{p.get('internal_api')} {p.get('version')} {p.get('architecture') or ''} "
                  f"threads={p.get('num_threads')}" for p in blas],
+        "gpu": _gpu_info(),
     }
+
+
+def _gpu_info():
+    """CuPy and CUDA device for pyfff.gpu, or why it is unavailable (imports CuPy if installed)."""
+    from . import gpu
+
+    if not gpu.HAS_CUPY:
+        return f"unavailable: {gpu.UNAVAILABLE_REASON}"
+    import cupy
+
+    dev = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    return f"CuPy {cupy.__version__}, device {dev.id}: {name}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
 
 
 def show_config(file=None):
