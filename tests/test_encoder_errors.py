@@ -328,3 +328,16 @@ def test_wrong_head(model):
 def test_token_types_on_crammed_model(model):
     with pytest.raises(ValueError, match="no token-type embeddings"):
         model.hidden_states(np.ones((1, 3), np.int64), token_type_ids=np.zeros((1, 3), np.int64))
+
+
+@pytest.mark.parametrize("key, value, error, match", [
+    ("ffn_type", "moe", NotImplementedError, "encoder.ffn_type='moe'"),
+    ("n_heads", 0, CheckpointError, "encoder.n_heads=0"),
+    ("ffn_depth", -1, CheckpointError, "encoder.ffn_depth=-1"),
+    ("n_heads", 3, CheckpointError, "not divisible"),
+])
+def test_export_config_values_are_validated(tmp_path, key, value, error, match):
+    out = pyfff.export(MLM, tmp_path / "export")
+    _edit_config(out, lambda cfg: cfg["encoder"].__setitem__(key, value))
+    with pytest.raises(error, match=match):
+        pyfff.load(out)

@@ -122,9 +122,31 @@ class EncoderConfig:
             raise CheckpointError(f"{path}: unknown pyfff export config keys {unknown} "
                                   "(written by a newer pyfff?)")
         try:
-            return cls(**d)
+            cfg = cls(**d)
         except TypeError as exc:
             raise CheckpointError(f"{path}: incomplete pyfff export config: {exc}") from None
+        cfg._validate(path)
+        return cfg
+
+    def _validate(self, path):
+        """Values a pyfff export may hold (an edited or foreign config.json is rejected, naming the key)."""
+        allowed = {"architecture": ("crammedBERT", "bert"), "head": ("mlm", "classifier", None),
+                   "ffn_type": ("fff", "dense"), "activation": ("gelu",), "pooler": ("zero_index", "avg", None)}
+        for key, values in allowed.items():
+            if getattr(self, key) not in values:
+                raise NotImplementedError(f"{path}: encoder.{key}={getattr(self, key)!r} is not implemented by pyfff "
+                                          f"(supported: {values})")
+        sizes = ["n_layers", "d_model", "n_heads", "vocab_size", "max_positions"]
+        sizes += ["ffn_n_trees"] if self.ffn_type == "fff" else ["d_ff"]
+        sizes += ["num_labels", "head_dim"] if self.head == "classifier" else []
+        for key in sizes:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CheckpointError(f"{path}: encoder.{key}={value!r} must be a positive integer")
+        if self.ffn_type == "fff" and (not isinstance(self.ffn_depth, int) or self.ffn_depth < 0):
+            raise CheckpointError(f"{path}: encoder.ffn_depth={self.ffn_depth!r} must be an integer >= 0")
+        if self.d_model % self.n_heads:
+            raise CheckpointError(f"{path}: encoder.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
 
 # --------------------------------------------------------------------------- shapes
