@@ -341,3 +341,10 @@ def test_export_config_values_are_validated(tmp_path, key, value, error, match):
     _edit_config(out, lambda cfg: cfg["encoder"].__setitem__(key, value))
     with pytest.raises(error, match=match):
         pyfff.load(out)
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path):
+    """Ids the tokenizer can produce must all have an embedding row."""
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", vocab=100)  # the copied tokenizer has 232 tokens
+    with pytest.raises(CheckpointError, match="tokenizer has 232 tokens but the embedding only 100 rows"):
+        pyfff.load(folder)
