@@ -21,7 +21,8 @@ Needs the ``compare`` extra: ``pip install 'pyfff[compare]'`` (torch CPU, transf
     python bench/compare_e2e.py                               # about 5 minutes on 2 cores
     python bench/compare_e2e.py --json docs/e2e.json --plot docs/e2e.png
 
-The bars of the issue "End-to-end speed" are printed at the end: at batch 8, all threads, pyfff-ufb >= 1.8x
+The exit status is 1 if the outputs of the same model disagree (BERT-base beyond 1e-4, UltraFastBERT on more than
+1% of the tokens beyond 1e-3). The bars of the issue "End-to-end speed" are printed at the end: at batch 8, all threads, pyfff-ufb >= 1.8x
 ort-bert-base and >= 3x torch-ufb-upstream in tokens/s; pyfff-bert-base time <= 1.3x ort-bert-base's.
 """
 from __future__ import annotations
@@ -275,7 +276,16 @@ def main(argv=None):
         plot(results, args.plot)
     if tmp is not None:
         tmp.cleanup()
-    return 0
+    return 0 if checks_pass(checks) else 1
+
+
+def checks_pass(checks):
+    """Same model, same answer: BERT-base outputs within 1e-4; the FFF model within 1e-3 on 99% of tokens."""
+    ok = all(v <= 1e-4 for k, v in checks.items() if "bert-base" in k)
+    ok &= checks["pyfff-ufb vs torch-ufb-upstream tokens within 1e-3"] >= 0.99
+    if not ok:
+        print(f"WRONG: outputs of the same model disagree: {checks}", file=sys.stderr)
+    return ok
 
 
 def evaluate_bars(results, n_all):
