@@ -254,3 +254,18 @@ def test_blas_threads_are_restored_after_a_call(tmp_path):
     before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
     model.hidden_states(np.ones((2, 8), np.int64))
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_gets_its_own_worker_pool(tmp_path):
+    """A child forked after the pool started inherits no worker threads; it must not wait for them forever."""
+    import multiprocessing
+
+    folder, _, _ = eh.write_crammed(tmp_path / "ckpt", seed=9)
+    model = pyfff.load(folder, n_threads=2)
+    ids = np.ones((4, 16), np.int64)
+    want = model.hidden_states(ids)                 # starts the pool in the parent
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(model.hidden_states, (ids,)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)

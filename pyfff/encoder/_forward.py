@@ -14,6 +14,7 @@ HD = H // NH head width, I dense intermediate width, V vocabulary.
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numpy as np
@@ -148,12 +149,14 @@ _POOLS_LOCK = threading.Lock()
 
 
 def _pool(n_workers):
+    """The shared executor with ``n_workers`` threads (a fresh one in a forked child, whose copy has no threads)."""
+    key = (os.getpid(), n_workers)
     with _POOLS_LOCK:
-        if n_workers not in _POOLS:
+        if key not in _POOLS:
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOLS[n_workers] = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pyfff-encoder")
-        return _POOLS[n_workers]
+            _POOLS[key] = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pyfff-encoder")
+        return _POOLS[key]
 
 
 def _run(tasks, n_workers):
