@@ -64,49 +64,52 @@ _AS_P = 0.3275911
 _AS_A = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)  # a5..a1
 
 
-def gelu_(x):
-    """Exact (erf) GELU in place, ``0.5 x (1 + erf(x / sqrt(2)))``.
+def gelu_(x, bias=None):
+    """Exact (erf) GELU in place, ``0.5 z (1 + erf(z / sqrt(2)))`` with ``z = x + bias``.
 
     Parameters
     ----------
     x : ndarray of shape (N, I), dtype=float32, C-contiguous; overwritten.
+    bias : ndarray of shape (I,), dtype=float32, optional
+        Added first, block by block (saves a pass over ``x``).
 
     Returns
     -------
     x : the same array.
 
     NumPy has no erf; this evaluates A&S 7.1.26 (absolute error of erf
-    <= 1.5e-7) row block by row block so that the intermediate passes stay
-    in cache. With q = 0.5 P(t) exp(-x^2/2) (t from |x|):
-    gelu(x) = x (1 - q) for x >= 0 and x q for x < 0.
+    <= 1.5e-7) block of rows by block of rows so that the intermediate
+    passes stay in cache. With a = |z| and q = 0.5 P(t) exp(-a^2/2), t from a:
+    gelu(z) = z (1 - q) for z >= 0 and z q for z < 0, i.e. max(z, 0) - a q.
     """
-    flat = x.reshape(-1)
-    n = flat.shape[0]
-    t = np.empty(min(_CHUNK, n), dtype=np.float32)
-    h = np.empty_like(t)
-    neg = np.empty(t.shape, dtype=bool)
+    x2 = x.reshape(-1, x.shape[-1])
+    n_rows, width = x2.shape
+    step = max(1, _CHUNK // width)                            # rows per block
+    shape = (min(step, n_rows), width)
+    a, t, h = (np.empty(shape, dtype=np.float32) for _ in range(3))
     c = np.float32(_AS_P / math.sqrt(2.0))
-    for start in range(0, n, _CHUNK):
-        xs = flat[start:start + _CHUNK]                        # (k,) view into x
-        k = xs.shape[0]
-        tt, hh, nn = t[:k], h[:k], neg[:k]
-        np.less(xs, 0, out=nn)                                 # x < 0
-        np.abs(xs, out=tt)
-        tt *= c
+    coefs = [np.float32(0.5 * v) for v in _AS_A]              # the 0.5 of q folded into P
+    for start in range(0, n_rows, step):
+        z = x2[start:start + step]                            # (k, I) view into x
+        k = z.shape[0]
+        aa, tt, hh = a[:k], t[:k], h[:k]
+        if bias is not None:
+            z += bias
+        np.abs(z, out=aa)                                     # a = |z|
+        np.multiply(aa, c, out=tt)
         tt += np.float32(1.0)
-        np.reciprocal(tt, out=tt)                              # t = 1 / (1 + p |x| / sqrt(2))
-        np.multiply(tt, np.float32(_AS_A[0]), out=hh)          # Horner: P(t) = t (a1 + t (a2 + ... t a5))
-        for coef in _AS_A[1:]:
-            hh += np.float32(coef)
+        np.reciprocal(tt, out=tt)                             # t = 1 / (1 + p a / sqrt(2))
+        np.multiply(tt, coefs[0], out=hh)                     # Horner: 0.5 P(t) = t (a1' + t (a2' + ... t a5'))
+        for coef in coefs[1:]:
+            hh += coef
             hh *= tt
-        np.multiply(xs, xs, out=tt)                            # reuse t for exp(-x^2 / 2)
+        np.multiply(aa, aa, out=tt)                           # reuse t for exp(-a^2 / 2)
         tt *= np.float32(-0.5)
         np.exp(tt, out=tt)
-        hh *= tt                                               # P(t) exp(-x^2/2) = 1 - erf(|x|/sqrt2)
-        hh *= np.float32(0.5)                                  # q
-        hh *= xs                                               # x q
-        np.subtract(xs, hh, out=xs)                            # x (1 - q)   (right for x >= 0)
-        np.copyto(xs, hh, where=nn)                            # x q         (x < 0)
+        hh *= tt                                              # q = 0.5 (1 - erf(a / sqrt(2)))
+        hh *= aa                                              # a q
+        np.maximum(z, np.float32(0.0), out=z)                 # max(z, 0)
+        z -= hh                                               # max(z, 0) - a q
     return x
 
 
@@ -220,8 +223,8 @@ def _feed_forward(h, p, prefix, ffn):
     """
     if ffn is not None:
         return ffn(h, n_threads=1)                            # (n, H) conditional execution
-    a = _linear(h, p[prefix + "ffn.dense_in.weight"], p.get(prefix + "ffn.dense_in.bias"))  # (n, I)
-    gelu_(a)                                                  # (n, I)
+    a = _linear(h, p[prefix + "ffn.dense_in.weight"])        # (n, I)
+    gelu_(a, p.get(prefix + "ffn.dense_in.bias"))             # (n, I) bias added inside, in cache
     return _linear(a, p[prefix + "ffn.dense_out.weight"], p.get(prefix + "ffn.dense_out.bias"))  # (n, H)
 
 
