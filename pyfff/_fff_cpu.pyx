@@ -187,13 +187,21 @@ cdef class BoundLayer:
             raise MemoryError("could not allocate the FFF kernel's per-thread scratch memory")
         return 0
 
-    def forward(self, object x, object n_threads):
-        """y = layer(x) for x of shape (n, d_in), or NotImplemented if x needs preparing."""
+    def forward(self, object x, object n_threads, object out=None):
+        """y = layer(x) for x of shape (n, d_in), or NotImplemented if x (or out) needs preparing.
+
+        ``out``, if given, takes the fast path only when it is a C-contiguous,
+        aligned, writeable (n, d_out) array of the layer dtype that does not
+        overlap x; anything else returns NotImplemented (pyfff.FFF then
+        validates it and says what is wrong).
+        """
         cdef cnp.ndarray xa
         cdef cnp.ndarray y
         cdef cnp.npy_intp dims[2]
         cdef Py_ssize_t n
         cdef int nt = 1
+        cdef char *x_lo
+        cdef char *y_lo
         if type(x) is not cnp.ndarray:
             return NotImplemented
         xa = <cnp.ndarray>x
@@ -202,15 +210,29 @@ cdef class BoundLayer:
                 or not cnp.PyArray_ISNOTSWAPPED(xa) or not cnp.PyArray_ISALIGNED(xa)):
             return NotImplemented
         n = cnp.PyArray_DIM(xa, 0)
+        if out is not None:
+            if type(out) is not cnp.ndarray:
+                return NotImplemented
+            y = <cnp.ndarray>out
+            if (cnp.PyArray_TYPE(y) != self.typenum or cnp.PyArray_NDIM(y) != 2 or cnp.PyArray_DIM(y, 0) != n
+                    or cnp.PyArray_DIM(y, 1) != self.d_out or not cnp.PyArray_IS_C_CONTIGUOUS(y)
+                    or not cnp.PyArray_ISNOTSWAPPED(y) or not cnp.PyArray_ISALIGNED(y)
+                    or not cnp.PyArray_ISWRITEABLE(y)):
+                return NotImplemented
+            x_lo = <char *>cnp.PyArray_DATA(xa)
+            y_lo = <char *>cnp.PyArray_DATA(y)
+            if n > 0 and (x_lo < y_lo + cnp.PyArray_NBYTES(y)) and (y_lo < x_lo + cnp.PyArray_NBYTES(xa)):
+                return NotImplemented  # overlapping x: refused with a message by pyfff.FFF
         # The thread count only matters past one tile per thread; an explicit
         # value is still validated every time (n_threads=0 is an error).
         if type(n_threads) is int and 0 < n_threads <= 65536:
             nt = n_threads
         elif n_threads is not None or n > 1:
             nt = self._n_threads_fn(n_threads)
-        dims[0] = n
-        dims[1] = self.d_out
-        y = cnp.PyArray_EMPTY(2, dims, self.typenum, 0)
+        if out is None:
+            dims[0] = n
+            dims[1] = self.d_out
+            y = cnp.PyArray_EMPTY(2, dims, self.typenum, 0)
         if n > 0:
             self._call(cnp.PyArray_DATA(xa), n, cnp.PyArray_DATA(y), NULL, nt, _DEFAULT_TILE)
         return y

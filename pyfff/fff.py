@@ -181,7 +181,7 @@ class FFF:
         # x now has the layer's (native) dtype; copy only if not C-contiguous and aligned.
         return np.require(x, requirements="CA"), shape[:-1]
 
-    def __call__(self, x, n_threads=None):
+    def __call__(self, x, n_threads=None, *, out=None):
         """Apply the layer.
 
         Parameters
@@ -192,16 +192,34 @@ class FFF:
             None: all usable cores (honours OMP_NUM_THREADS and
             threadpoolctl limits); -1: all CPUs; k > 0: k threads; 0 is an
             error. The result is bitwise identical for every value.
+        out : ndarray of shape (..., d_out), optional
+            Where to write the result (C-contiguous, the layer's dtype, not
+            overlapping ``x``). Saves allocating, and the kernel zeroing of
+            fresh pages, on every call: about 0.3 us per token of a large batch.
 
         Returns
         -------
-        y : ndarray of shape (..., d_out), dtype of the layer
+        y : ndarray of shape (..., d_out), dtype of the layer (``out`` if given)
         """
-        y = self._bound.forward(x, n_threads)  # fast path: (n, d_in) C-contiguous, layer dtype
+        y = self._bound.forward(x, n_threads, out)  # fast path: (n, d_in) C-contiguous, layer dtype
         if y is not NotImplemented:
             return y
+        if out is None:
+            x2, lead = self._prepare(x)
+            return self._bound.forward(x2, n_threads).reshape(lead + (self.d_out,))
         x2, lead = self._prepare(x)
-        return self._bound.forward(x2, n_threads).reshape(lead + (self.d_out,))
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+        if out.shape != lead + (self.d_out,):
+            raise ValueError(f"out must have shape {lead + (self.d_out,)}, got {out.shape}")
+        if out.dtype != self.dtype:
+            raise TypeError(f"out must have the layer's dtype {self.dtype}, got {out.dtype}")
+        if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
+            raise ValueError("out must be C-contiguous, aligned and writeable")
+        if np.may_share_memory(out, x2):
+            raise ValueError("out must not overlap x")
+        self._bound.fill(x2, out.reshape(-1, self.d_out), None, _openmp_effective_n_threads(n_threads))
+        return out
 
     def routes(self, x, n_threads=None):
         """Visited node indices (within each tree), level by level.
