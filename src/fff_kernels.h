@@ -13,8 +13,10 @@
  * - A token's result depends only on the token and the weights: never on the
  *   other tokens of its tile, the tile size, the thread count, or the order in
  *   which tokens are visited.  Every dot product and every output element is
- *   summed in one fixed order (see dot_*, accumulate_path_*), so results are
- *   bitwise identical for every n_threads.
+ *   summed in one fixed order (fff_dot and fff_dot_shared share their
+ *   accumulator structure; fff_path_sum and fff_path_sum_shared add a path's
+ *   rows in path order), so results are bitwise identical for every n_threads
+ *   and tile size, and a token alone equals the same token inside a batch.
  * - Routing: go right when the logit is > 0; a logit of exactly 0 (and NaN)
  *   goes left, as upstream's `logits > 0`.
  * - No allocation: the caller hands in scratch memory (fff_scratch_bytes_*).
@@ -23,21 +25,24 @@
  * ---------------------------------------------------------------------------
  * A tile of tokens is routed in groups of FFF_LEVEL_GROUP levels.  Before each
  * group the tile's tokens are counting-sorted by the node they sit on, then
- * each token walks the group's levels depth-first.  Tokens that share a
- * subtree run back to back, so the subtree's weight rows are fetched from
- * L3/DRAM once per tile instead of once per token.  The output of a token is
- * then summed over its path with the output block held in registers.
+ * walk the group's levels FFF_SHARE at a time in lockstep; tokens of such a
+ * chunk that sit on the same node take their dot products with one load of
+ * the row.  Tokens that share a subtree run back to back, so its rows are
+ * fetched from L2/L3 about once per tile instead of once per token.  The
+ * outputs are then summed in leaf order, FFF_SHARE tokens at a time, with the
+ * output block in registers and shared rows read from L1.
  *
- * SIMD: the dot product and the output sum keep several independent
- * accumulators (FFF_ACC lanes) written as plain C loops, which GCC and Clang
- * vectorise on purpose (check with -fopt-info-vec-optimized); no -ffast-math
- * is needed because the summation order is explicit.  On x86-64 with
- * GCC/Clang the entry points are compiled once per ISA level (x86-64-v4 =
- * AVX-512, x86-64-v3 = AVX2+FMA, baseline) with target_clones and the best
- * one is picked at load time; fff_simd_variant() reports which.
+ * SIMD: explicit, with GCC/Clang vector extensions (64-byte vectors, four
+ * independent accumulators per dot product), not left to the
+ * auto-vectoriser: GCC 12 kept the plain-C output sum scalar.  No
+ * -ffast-math is needed because the summation order is written out.  A
+ * scalar twin (PYFFF_NO_VECTOR_EXT) serves other compilers.  On x86-64 Linux
+ * with GCC/Clang the entry point is compiled once per ISA level (x86-64-v4 =
+ * AVX-512, x86-64-v3 = AVX2+FMA, baseline SSE2) with target_clones and the
+ * best one is picked at load time; fff_simd_variant() reports which.
  *
  * The second half of this header is a template, expanded once per dtype by
- * src/fff_cpu.h (FFF_T, FFF_SUF, FFF_ACC, FFF_ERF, FFF_TANH).
+ * src/fff_cpu.h (FFF_T, FFF_SUF, FFF_ERF, FFF_TANH).
  */
 #ifndef PYFFF_FFF_KERNELS_H
 #define PYFFF_FFF_KERNELS_H
