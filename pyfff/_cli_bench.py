@@ -81,8 +81,8 @@ def add_parser(subparsers):
     p.add_argument("--dtype", type=_str_list, nargs="+", action="append", metavar="DTYPE",
                    help="float32 and/or float64 (default: float32)")
     p.add_argument("--kernels", type=_str_list, nargs="+", action="append", metavar="K",
-                   help=(f"implementations (default: {','.join(DEFAULT_KERNELS)}, dense_gelu only up to batch "
-                         f"{DEFAULT_GELU_MAX_BATCH}); also numpy_ref, dense_<N>, dense_<N>_gelu, "
+                   help=(f"implementations (default: {','.join(DEFAULT_KERNELS)}, dense_gelu only with SciPy "
+                         f"and up to batch {DEFAULT_GELU_MAX_BATCH}); also numpy_ref, dense_<N>, dense_<N>_gelu, "
                          f"e.g. dense_{B.BERT_BASE_NEURONS}"))
     p.add_argument("--repeat", type=int, default=5,
                    help="timed runs per case after one warm-up (default 5; calls over ~1 s get fewer, "
@@ -114,7 +114,7 @@ def plan(args):
     n_all = B.all_threads()
     threads = _flatten(args.threads, sorted({1, n_all}))
     dtypes = _flatten(args.dtype, ["float32"])
-    kernels = _flatten(args.kernels, DEFAULT_KERNELS)
+    kernels = _flatten(args.kernels, _default_kernels())
     checks = [("batch", batches, 1, None), ("depth", depths, 0, MAX_DEPTH), ("width", widths, 1, None),
               ("threads", threads, 1, None), ("repeat", [args.repeat], 1, None),
               ("pool-tokens", [args.pool_tokens], 1, None)]
@@ -146,6 +146,15 @@ def plan(args):
                 continue
             cases.append((shape, n, k))
     return cases
+
+
+def _default_kernels():
+    """DEFAULT_KERNELS, without dense_gelu where SciPy (its exact erf) is not installed."""
+    try:
+        import scipy.special  # noqa: F401
+    except ImportError:
+        return tuple(k for k in DEFAULT_KERNELS if k != "dense_gelu")
+    return DEFAULT_KERNELS
 
 
 def _progress(args, text):

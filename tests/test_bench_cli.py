@@ -394,3 +394,13 @@ def test_checks_judge_the_output_of_the_last_input(name):
     last = prep.run()
     assert prep.check(last).correct
     assert not prep.check(first).correct  # the first call's output belongs to another input
+
+
+def test_default_kernels_leave_out_dense_gelu_without_scipy(monkeypatch):
+    import sys
+
+    from pyfff import _cli_bench
+
+    monkeypatch.setitem(sys.modules, "scipy.special", None)  # import raises ImportError
+    assert "dense_gelu" not in _cli_bench._default_kernels()
+    assert {"pyfff", "dense"} <= set(_cli_bench._default_kernels())
