@@ -406,6 +406,7 @@ FFF_INLINE void FFF_NAME(fff_sort_by_node)(const int32_t *order, int32_t *out, c
  * y       : OUT (n_tile, d_out), row stride ldy, or NULL (routes only)
  * routes  : OUT (n_tile, n_trees, depth + 1), or NULL
  * scratch : fff_scratch_bytes(n_tile, depth, n_trees) bytes
+ * n_threads : OpenMP threads that share this one tile (1: serial)
  *
  * Routing: per level group, tokens sorted by their node go in chunks of
  * FFF_SHARE that walk the group's levels in lockstep; at each level, chunk
@@ -418,11 +419,12 @@ FFF_DISPATCH
 static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_T *w_in, ptrdiff_t ldw_in,
                                        const FFF_T *b_in, const FFF_T *w_out, ptrdiff_t ldw_out, ptrdiff_t n_tile,
                                        ptrdiff_t d_in, ptrdiff_t d_out, int depth, int n_trees, int act, FFF_T *y,
-                                       ptrdiff_t ldy, int64_t *routes, void *scratch)
+                                       ptrdiff_t ldy, int64_t *routes, void *scratch, int n_threads)
 {
     const int n_lev = depth + 1;
     const int n_path = n_trees * n_lev;
     const ptrdiff_t n_nodes = ((ptrdiff_t)2 << depth) - 1;
+    const ptrdiff_t n_chunks = (n_tile + FFF_SHARE - 1) / FFF_SHARE;
 
     /* Carve the scratch: activations first (widest alignment). */
     FFF_T *acts = (FFF_T *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63); /* (n_tile, n_path) */
@@ -432,93 +434,118 @@ static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_
     int32_t *order2 = order + n_tile;                                     /* (n_tile,) */
     int32_t *count = order2 + n_tile;                                     /* (n_tile + 2,) */
 
-    for (ptrdiff_t i = 0; i < n_tile; i++)
-        order[i] = (int32_t)i;
-
-    for (int t = 0; t < n_trees; t++) {
-        const FFF_T *w_in_t = w_in + t * n_nodes * ldw_in;
+    /* n_threads > 1 splits the tile itself: after each sort, every thread
+     * takes a contiguous range of the sorted chunks, i.e. its own subtrees,
+     * so the tile's tokens keep sharing rows however many threads run. The
+     * sorts run on one thread; every token is still handled exactly as on
+     * one thread, so the results do not depend on n_threads. */
+    if (n_threads > n_chunks)
+        n_threads = (int)n_chunks;
+    if (n_threads < 1)
+        n_threads = 1;
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+#pragma omp for schedule(static)
         for (ptrdiff_t i = 0; i < n_tile; i++)
-            node[i] = 0;
+            order[i] = (int32_t)i;
 
-        for (int l0 = 0; l0 < n_lev; l0 += FFF_LEVEL_GROUP) {
-            const int l1 = l0 + FFF_LEVEL_GROUP < n_lev ? l0 + FFF_LEVEL_GROUP : n_lev;
-            if (l0 > 0 && n_tile > 1) {
-                FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)1 << l0) - 1, l0, count);
-                int32_t *tmp = order;
-                order = order2;
-                order2 = tmp;
-            }
-            for (ptrdiff_t k0 = 0; k0 < n_tile; k0 += FFF_SHARE) {
-                const int kn = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
-                const int32_t *ids = order + k0;
-                for (int level = l0; level < l1; level++) {
-                    int done[FFF_SHARE] = {0};
-                    for (int k = 0; k < kn; k++) {
-                        if (done[k])
-                            continue;
-                        /* The chunk's tokens on the same node as token k. */
-                        const ptrdiff_t nd = node[ids[k]];
-                        int grp[FFF_SHARE], m = 0;
-                        const FFF_T *xs[FFF_SHARE];
-                        FFF_T z[FFF_SHARE];
-                        for (int j = k; j < kn; j++) {
-                            if (!done[j] && node[ids[j]] == nd) {
-                                done[j] = 1;
-                                grp[m] = j;
-                                xs[m++] = x + (ptrdiff_t)ids[j] * ldx;
+        for (int t = 0; t < n_trees; t++) {
+            const FFF_T *w_in_t = w_in + t * n_nodes * ldw_in;
+#pragma omp for schedule(static)
+            for (ptrdiff_t i = 0; i < n_tile; i++)
+                node[i] = 0;
+
+            for (int l0 = 0; l0 < n_lev; l0 += FFF_LEVEL_GROUP) {
+                const int l1 = l0 + FFF_LEVEL_GROUP < n_lev ? l0 + FFF_LEVEL_GROUP : n_lev;
+                if (l0 > 0 && n_tile > 1) {
+#pragma omp single
+                    {
+                        FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)1 << l0) - 1, l0, count);
+                        memcpy(order, order2, (size_t)n_tile * sizeof(int32_t));
+                    }
+                }
+#pragma omp for schedule(static)
+                for (ptrdiff_t c = 0; c < n_chunks; c++) {
+                    const ptrdiff_t k0 = c * FFF_SHARE;
+                    const int kn = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
+                    const int32_t *ids = order + k0;
+                    for (int level = l0; level < l1; level++) {
+                        int done[FFF_SHARE] = {0};
+                        for (int k = 0; k < kn; k++) {
+                            if (done[k])
+                                continue;
+                            /* The chunk's tokens on the same node as token k. */
+                            const ptrdiff_t nd = node[ids[k]];
+                            int grp[FFF_SHARE], m = 0;
+                            const FFF_T *xs[FFF_SHARE];
+                            FFF_T z[FFF_SHARE];
+                            for (int j = k; j < kn; j++) {
+                                if (!done[j] && node[ids[j]] == nd) {
+                                    done[j] = 1;
+                                    grp[m] = j;
+                                    xs[m++] = x + (ptrdiff_t)ids[j] * ldx;
+                                }
                             }
-                        }
-                        if (m == 1)
-                            z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
-                        else
-                            FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
-                        const FFF_T bias = b_in ? b_in[t * n_nodes + nd] : (FFF_T)0;
-                        for (int g = 0; g < m; g++) {
-                            const ptrdiff_t i = ids[grp[g]];
-                            FFF_T zg = z[g];
-                            if (b_in)
-                                zg += bias;
-                            const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
-                            path[p] = (int32_t)(t * n_nodes + nd);
-                            acts[p] = zg; /* the logit; activated below, off the walk's critical path */
-                            if (routes)
-                                routes[p] = nd;
-                            node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
+                            if (m == 1)
+                                z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
+                            else
+                                FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
+                            const FFF_T bias = b_in ? b_in[t * n_nodes + nd] : (FFF_T)0;
+                            for (int g = 0; g < m; g++) {
+                                const ptrdiff_t i = ids[grp[g]];
+                                FFF_T zg = z[g];
+                                if (b_in)
+                                    zg += bias;
+                                const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
+                                path[p] = (int32_t)(t * n_nodes + nd);
+                                acts[p] = zg; /* the logit; activated below, off the walk's critical path */
+                                if (routes)
+                                    routes[p] = nd;
+                                node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
+                            }
                         }
                     }
                 }
             }
         }
-    }
-    if (!y)
-        return;
-    for (size_t p = 0; p < (size_t)n_tile * n_path; p++) {
-        const FFF_T z = acts[p];
-        acts[p] = (z != z) ? z : FFF_NAME(fff_act)(z, act); /* NaN stays NaN (relu too) */
-    }
 
-    /* Output, FFF_SHARE tokens at a time, in order of their (last tree's)
-     * leaf, i.e. sorted by their whole path: neighbours share upper rows. */
-    if (n_tile > 1) {
-        /* node[] holds the children of the leaves: 2**(depth+1) consecutive ids. */
-        FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)2 << depth) - 1, depth + 1, count);
-        order = order2;
-    }
-    for (ptrdiff_t k0 = 0; k0 < n_tile; k0 += FFF_SHARE) {
-        const int m = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
-        FFF_T *ys[FFF_SHARE];
-        const int32_t *rows[FFF_SHARE];
-        const FFF_T *as[FFF_SHARE];
-        for (int j = 0; j < m; j++) {
-            const ptrdiff_t i = order[k0 + j];
-            ys[j] = y + i * ldy;
-            rows[j] = path + (size_t)i * n_path;
-            as[j] = acts + (size_t)i * n_path;
+        if (y) {
+#pragma omp for schedule(static)
+            for (ptrdiff_t p = 0; p < n_tile * (ptrdiff_t)n_path; p++) {
+                const FFF_T z = acts[p];
+                acts[p] = (z != z) ? z : FFF_NAME(fff_act)(z, act); /* NaN stays NaN (relu too) */
+            }
+            /* Output, FFF_SHARE tokens at a time, in order of their (last
+             * tree's) leaf, i.e. sorted by their whole path: neighbours share
+             * upper rows. node[] holds the children of the leaves:
+             * 2**(depth+1) consecutive ids. */
+            if (n_tile > 1) {
+#pragma omp single
+                {
+                    FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)2 << depth) - 1, depth + 1,
+                                               count);
+                    memcpy(order, order2, (size_t)n_tile * sizeof(int32_t));
+                }
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t c = 0; c < n_chunks; c++) {
+                const ptrdiff_t k0 = c * FFF_SHARE;
+                const int m = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
+                FFF_T *ys[FFF_SHARE];
+                const int32_t *rows[FFF_SHARE];
+                const FFF_T *as[FFF_SHARE];
+                for (int j = 0; j < m; j++) {
+                    const ptrdiff_t i = order[k0 + j];
+                    ys[j] = y + i * ldy;
+                    rows[j] = path + (size_t)i * n_path;
+                    as[j] = acts + (size_t)i * n_path;
+                }
+                if (m == 1)
+                    FFF_NAME(fff_path_sum)(ys[0], w_out, ldw_out, rows[0], as[0], n_path, d_out, 0);
+                else
+                    FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw_out, rows, as, m, n_path, d_out);
+            }
         }
-        if (m == 1)
-            FFF_NAME(fff_path_sum)(ys[0], w_out, ldw_out, rows[0], as[0], n_path, d_out, 0);
-        else
-            FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw_out, rows, as, m, n_path, d_out);
     }
 }
 

@@ -38,6 +38,7 @@ int main(int argc, char **argv)
     int depth = argc > 3 ? atoi(argv[3]) : 11;
     int reps = argc > 4 ? atoi(argv[4]) : 5;
     int act = argc > 5 ? atoi(argv[5]) : 0; /* 0 gelu, 1 gelu_tanh, 2 relu */
+    int n_inner = argc > 6 ? atoi(argv[6]) : 1; /* OpenMP threads inside each tile */
     ptrdiff_t d = 768, n_nodes = ((ptrdiff_t)2 << depth) - 1;
     unsigned s = 1;
     /* Large arrays get transparent huge pages, as NumPy asks for (madvise). */
@@ -56,7 +57,7 @@ int main(int argc, char **argv)
             double t0 = now();
             for (ptrdiff_t st = 0; st < batch; st += tile) {
                 ptrdiff_t n = batch - st < tile ? batch - st : tile;
-                TILE_FN(x + st * d, d, w_in, d, b, w_out, d, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch);
+                TILE_FN(x + st * d, d, w_in, d, b, w_out, d, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch, n_inner);
             }
             double dt = now() - t0;
             if (dt < best) best = dt;
