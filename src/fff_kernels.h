@@ -60,6 +60,20 @@
 #define FFF_HAVE_DISPATCH 0
 #endif
 
+#ifdef _OPENMP
+#include <omp.h>
+/* A barrier among the threads sharing one tile; none when the tile runs on
+ * one thread (possibly inside the driver's own parallel loop). */
+#define FFF_TEAM_BARRIER(nthr)     \
+    do {                           \
+        if ((nthr) > 1) {          \
+            _Pragma("omp barrier") \
+        }                          \
+    } while (0)
+#else
+#define FFF_TEAM_BARRIER(nthr) ((void)(nthr))
+#endif
+
 /* GCC and Clang vector extensions give explicit SIMD without intrinsics. */
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(PYFFF_NO_VECTOR_EXT)
 #define FFF_VECTOR_EXT 1
@@ -415,15 +429,134 @@ FFF_INLINE void FFF_NAME(fff_sort_by_node)(const int32_t *order, int32_t *out, c
  * leaf (hence by their whole path) are summed FFF_SHARE at a time
  * (fff_path_sum_shared), so the rows they share are read from L1.
  */
+/* The share of fff_forward_tile's work of thread `tid` out of `nthr`: a
+ * static split of every loop, with the sorts on thread 0 and barriers
+ * between the phases only when nthr > 1. The split is written out rather
+ * than left to `omp for`/`omp single`: orphaned directives would bind to
+ * the caller's team when this runs single-threaded inside the driver's
+ * prange, and a parallel region of one thread costs ~2 us per call, as much
+ * as a batch-1 token. */
+FFF_INLINE void FFF_NAME(fff_tile_body)(const FFF_T *x, ptrdiff_t ldx, const FFF_T *w_in, ptrdiff_t ldw_in,
+                                       const FFF_T *b_in, const FFF_T *w_out, ptrdiff_t ldw_out, ptrdiff_t n_tile,
+                                       ptrdiff_t d_in, ptrdiff_t d_out, int depth, int n_trees, int act, FFF_T *y,
+                                       ptrdiff_t ldy, int64_t *routes,
+                                        FFF_T *acts, int32_t *path, int32_t *node, int32_t *order,
+                                        int32_t *order2, int32_t *count, int tid, int nthr)
+{
+    const int n_lev = depth + 1;
+    const int n_path = n_trees * n_lev;
+    const ptrdiff_t n_nodes = ((ptrdiff_t)2 << depth) - 1;
+    const ptrdiff_t n_chunks = (n_tile + FFF_SHARE - 1) / FFF_SHARE;
+    /* This thread's static share of tokens [i0, i1) and of chunks [c0, c1). */
+    const ptrdiff_t i0 = (ptrdiff_t)((int64_t)n_tile * tid / nthr), i1 = (ptrdiff_t)((int64_t)n_tile * (tid + 1) / nthr);
+    const ptrdiff_t c0 = (ptrdiff_t)((int64_t)n_chunks * tid / nthr), c1 = (ptrdiff_t)((int64_t)n_chunks * (tid + 1) / nthr);
+
+    for (ptrdiff_t i = i0; i < i1; i++)
+        order[i] = (int32_t)i;
+
+    for (int t = 0; t < n_trees; t++) {
+        const FFF_T *w_in_t = w_in + t * n_nodes * ldw_in;
+        FFF_TEAM_BARRIER(nthr); /* the previous tree's walks are done with node[] */
+        for (ptrdiff_t i = i0; i < i1; i++)
+            node[i] = 0;
+        FFF_TEAM_BARRIER(nthr);
+
+        for (int l0 = 0; l0 < n_lev; l0 += FFF_LEVEL_GROUP) {
+            const int l1 = l0 + FFF_LEVEL_GROUP < n_lev ? l0 + FFF_LEVEL_GROUP : n_lev;
+            if (l0 > 0 && n_tile > 1) {
+                FFF_TEAM_BARRIER(nthr); /* every walk of the previous group is done */
+                if (tid == 0) {
+                    FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)1 << l0) - 1, l0, count);
+                    memcpy(order, order2, (size_t)n_tile * sizeof(int32_t));
+                }
+                FFF_TEAM_BARRIER(nthr);
+            }
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                const ptrdiff_t k0 = c * FFF_SHARE;
+                const int kn = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
+                const int32_t *ids = order + k0;
+                for (int level = l0; level < l1; level++) {
+                    int done[FFF_SHARE] = {0};
+                    for (int k = 0; k < kn; k++) {
+                        if (done[k])
+                            continue;
+                        /* The chunk's tokens on the same node as token k. */
+                        const ptrdiff_t nd = node[ids[k]];
+                        int grp[FFF_SHARE], m = 0;
+                        const FFF_T *xs[FFF_SHARE];
+                        FFF_T z[FFF_SHARE];
+                        for (int j = k; j < kn; j++) {
+                            if (!done[j] && node[ids[j]] == nd) {
+                                done[j] = 1;
+                                grp[m] = j;
+                                xs[m++] = x + (ptrdiff_t)ids[j] * ldx;
+                            }
+                        }
+                        if (m == 1)
+                            z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
+                        else
+                            FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
+                        const FFF_T bias = b_in ? b_in[t * n_nodes + nd] : (FFF_T)0;
+                        for (int g = 0; g < m; g++) {
+                            const ptrdiff_t i = ids[grp[g]];
+                            FFF_T zg = z[g];
+                            if (b_in)
+                                zg += bias;
+                            const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
+                            path[p] = (int32_t)(t * n_nodes + nd);
+                            acts[p] = zg; /* the logit; activated below, off the walk's critical path */
+                            if (routes)
+                                routes[p] = nd;
+                            node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    if (y) {
+        FFF_TEAM_BARRIER(nthr); /* all walks done: every logit and leaf is known */
+        for (ptrdiff_t p = i0 * n_path; p < i1 * n_path; p++) {
+            const FFF_T z = acts[p];
+            acts[p] = (z != z) ? z : FFF_NAME(fff_act)(z, act); /* NaN stays NaN (relu too) */
+        }
+        /* Output, FFF_SHARE tokens at a time, in order of their (last
+         * tree's) leaf, i.e. sorted by their whole path: neighbours share
+         * upper rows. node[] holds the children of the leaves:
+         * 2**(depth+1) consecutive ids. */
+        if (n_tile > 1 && tid == 0) {
+            FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)2 << depth) - 1, depth + 1, count);
+            memcpy(order, order2, (size_t)n_tile * sizeof(int32_t));
+        }
+        FFF_TEAM_BARRIER(nthr); /* activations and the leaf order are ready */
+        for (ptrdiff_t c = c0; c < c1; c++) {
+            const ptrdiff_t k0 = c * FFF_SHARE;
+            const int m = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
+            FFF_T *ys[FFF_SHARE];
+            const int32_t *rows[FFF_SHARE];
+            const FFF_T *as[FFF_SHARE];
+            for (int j = 0; j < m; j++) {
+                const ptrdiff_t i = order[k0 + j];
+                ys[j] = y + i * ldy;
+                rows[j] = path + (size_t)i * n_path;
+                as[j] = acts + (size_t)i * n_path;
+            }
+            if (m == 1)
+                FFF_NAME(fff_path_sum)(ys[0], w_out, ldw_out, rows[0], as[0], n_path, d_out, 0);
+            else
+                FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw_out, rows, as, m, n_path, d_out);
+        }
+    }
+}
+
 FFF_DISPATCH
 static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_T *w_in, ptrdiff_t ldw_in,
                                        const FFF_T *b_in, const FFF_T *w_out, ptrdiff_t ldw_out, ptrdiff_t n_tile,
                                        ptrdiff_t d_in, ptrdiff_t d_out, int depth, int n_trees, int act, FFF_T *y,
                                        ptrdiff_t ldy, int64_t *routes, void *scratch, int n_threads)
 {
-    const int n_lev = depth + 1;
-    const int n_path = n_trees * n_lev;
-    const ptrdiff_t n_nodes = ((ptrdiff_t)2 << depth) - 1;
+    const int n_path = n_trees * (depth + 1);
     const ptrdiff_t n_chunks = (n_tile + FFF_SHARE - 1) / FFF_SHARE;
 
     /* Carve the scratch: activations first (widest alignment). */
@@ -443,110 +576,17 @@ static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_
         n_threads = (int)n_chunks;
     if (n_threads < 1)
         n_threads = 1;
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
-    {
-#pragma omp for schedule(static)
-        for (ptrdiff_t i = 0; i < n_tile; i++)
-            order[i] = (int32_t)i;
-
-        for (int t = 0; t < n_trees; t++) {
-            const FFF_T *w_in_t = w_in + t * n_nodes * ldw_in;
-#pragma omp for schedule(static)
-            for (ptrdiff_t i = 0; i < n_tile; i++)
-                node[i] = 0;
-
-            for (int l0 = 0; l0 < n_lev; l0 += FFF_LEVEL_GROUP) {
-                const int l1 = l0 + FFF_LEVEL_GROUP < n_lev ? l0 + FFF_LEVEL_GROUP : n_lev;
-                if (l0 > 0 && n_tile > 1) {
-#pragma omp single
-                    {
-                        FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)1 << l0) - 1, l0, count);
-                        memcpy(order, order2, (size_t)n_tile * sizeof(int32_t));
-                    }
-                }
-#pragma omp for schedule(static)
-                for (ptrdiff_t c = 0; c < n_chunks; c++) {
-                    const ptrdiff_t k0 = c * FFF_SHARE;
-                    const int kn = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
-                    const int32_t *ids = order + k0;
-                    for (int level = l0; level < l1; level++) {
-                        int done[FFF_SHARE] = {0};
-                        for (int k = 0; k < kn; k++) {
-                            if (done[k])
-                                continue;
-                            /* The chunk's tokens on the same node as token k. */
-                            const ptrdiff_t nd = node[ids[k]];
-                            int grp[FFF_SHARE], m = 0;
-                            const FFF_T *xs[FFF_SHARE];
-                            FFF_T z[FFF_SHARE];
-                            for (int j = k; j < kn; j++) {
-                                if (!done[j] && node[ids[j]] == nd) {
-                                    done[j] = 1;
-                                    grp[m] = j;
-                                    xs[m++] = x + (ptrdiff_t)ids[j] * ldx;
-                                }
-                            }
-                            if (m == 1)
-                                z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
-                            else
-                                FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
-                            const FFF_T bias = b_in ? b_in[t * n_nodes + nd] : (FFF_T)0;
-                            for (int g = 0; g < m; g++) {
-                                const ptrdiff_t i = ids[grp[g]];
-                                FFF_T zg = z[g];
-                                if (b_in)
-                                    zg += bias;
-                                const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
-                                path[p] = (int32_t)(t * n_nodes + nd);
-                                acts[p] = zg; /* the logit; activated below, off the walk's critical path */
-                                if (routes)
-                                    routes[p] = nd;
-                                node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-
-        if (y) {
-#pragma omp for schedule(static)
-            for (ptrdiff_t p = 0; p < n_tile * (ptrdiff_t)n_path; p++) {
-                const FFF_T z = acts[p];
-                acts[p] = (z != z) ? z : FFF_NAME(fff_act)(z, act); /* NaN stays NaN (relu too) */
-            }
-            /* Output, FFF_SHARE tokens at a time, in order of their (last
-             * tree's) leaf, i.e. sorted by their whole path: neighbours share
-             * upper rows. node[] holds the children of the leaves:
-             * 2**(depth+1) consecutive ids. */
-            if (n_tile > 1) {
-#pragma omp single
-                {
-                    FFF_NAME(fff_sort_by_node)(order, order2, node, n_tile, ((ptrdiff_t)2 << depth) - 1, depth + 1,
-                                               count);
-                    memcpy(order, order2, (size_t)n_tile * sizeof(int32_t));
-                }
-            }
-#pragma omp for schedule(static)
-            for (ptrdiff_t c = 0; c < n_chunks; c++) {
-                const ptrdiff_t k0 = c * FFF_SHARE;
-                const int m = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
-                FFF_T *ys[FFF_SHARE];
-                const int32_t *rows[FFF_SHARE];
-                const FFF_T *as[FFF_SHARE];
-                for (int j = 0; j < m; j++) {
-                    const ptrdiff_t i = order[k0 + j];
-                    ys[j] = y + i * ldy;
-                    rows[j] = path + (size_t)i * n_path;
-                    as[j] = acts + (size_t)i * n_path;
-                }
-                if (m == 1)
-                    FFF_NAME(fff_path_sum)(ys[0], w_out, ldw_out, rows[0], as[0], n_path, d_out, 0);
-                else
-                    FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw_out, rows, as, m, n_path, d_out);
-            }
-        }
+#ifdef _OPENMP
+    if (n_threads > 1) {
+#pragma omp parallel num_threads(n_threads)
+        FFF_NAME(fff_tile_body)(x, ldx, w_in, ldw_in, b_in, w_out, ldw_out, n_tile, d_in, d_out, depth, n_trees, act,
+                                y, ldy, routes, acts, path, node, order, order2, count, omp_get_thread_num(),
+                                omp_get_num_threads());
+        return;
     }
+#endif
+    FFF_NAME(fff_tile_body)(x, ldx, w_in, ldw_in, b_in, w_out, ldw_out, n_tile, d_in, d_out, depth, n_trees, act, y,
+                            ldy, routes, acts, path, node, order, order2, count, 0, 1);
 }
 
 #undef FFF_CAT2
