@@ -1,0 +1,31 @@
+"""Both ways the driver uses threads give the one-thread result, bit for bit.
+
+pyfff/_fff_cpu.pyx runs a batch either as one tile per thread, or (a batch
+below a full tile per thread, with >= 512 tokens per thread) one tile at a
+time with all threads inside it (src/fff_kernels.h, fff_tile_body).
+"""
+import numpy as np
+import pytest
+
+from pyfff import FFF
+from _fff_testing import compare_with_reference
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch, n_threads, tile", [
+    (2000, 3, 2048),    # inside one tile: 3 threads, 667 tokens each
+    (1100, 2, 2048),    # inside one tile, a ragged last chunk
+    (3000, 2, 1024),    # one tile per thread, three tiles
+    (700, 4, 2048),     # 175 tokens per thread: one small tile each
+])
+def test_thread_modes_are_bitwise_identical(dtype, batch, n_threads, tile):
+    layer = FFF.random(29, 13, 8, n_trees=2, seed=5, dtype=dtype)
+    x = np.random.default_rng(batch).standard_normal((batch, 29)).astype(dtype)
+    y1 = layer(x, n_threads=1)
+    r1 = layer.routes(x, n_threads=1)
+    compare_with_reference(layer, x, y=y1, routes=r1)
+    y = np.empty_like(y1)
+    r = np.empty_like(r1)
+    layer._bound.fill(x, y, r, n_threads, tile)
+    np.testing.assert_array_equal(y, y1, strict=True)
+    np.testing.assert_array_equal(r, r1, strict=True)
