@@ -409,26 +409,6 @@ FFF_INLINE void FFF_NAME(fff_sort_by_node)(const int32_t *order, int32_t *out, c
     }
 }
 
-/*
- * fff_forward_tile: a tile of n_tile tokens, all trees (n_tile = 1 is the
- * lean batch-1 path: no sorting, one walk, one output sum).
- *
- * x       : IN  (n_tile, d_in), row stride ldx
- * w_in    : IN  (n_trees * n_nodes, d_in), row stride ldw_in
- * b_in    : IN  (n_trees * n_nodes,) or NULL
- * w_out   : IN  (n_trees * n_nodes, d_out), row stride ldw_out (node-major)
- * y       : OUT (n_tile, d_out), row stride ldy, or NULL (routes only)
- * routes  : OUT (n_tile, n_trees, depth + 1), or NULL
- * scratch : fff_scratch_bytes(n_tile, depth, n_trees) bytes
- * n_threads : OpenMP threads that share this one tile (1: serial)
- *
- * Routing: per level group, tokens sorted by their node go in chunks of
- * FFF_SHARE that walk the group's levels in lockstep; at each level, chunk
- * tokens sitting on the same node take their dot products together
- * (fff_dot_shared: the row is loaded once).  Output: tokens sorted by their
- * leaf (hence by their whole path) are summed FFF_SHARE at a time
- * (fff_path_sum_shared), so the rows they share are read from L1.
- */
 /* The share of fff_forward_tile's work of thread `tid` out of `nthr`: a
  * static split of every loop, with the sorts on thread 0 and barriers
  * between the phases only when nthr > 1. The split is written out rather
@@ -550,6 +530,26 @@ FFF_INLINE void FFF_NAME(fff_tile_body)(const FFF_T *x, ptrdiff_t ldx, const FFF
     }
 }
 
+/*
+ * fff_forward_tile: a tile of n_tile tokens, all trees (n_tile = 1 is the
+ * lean batch-1 path: no sorting, one walk, one output sum).
+ *
+ * x       : IN  (n_tile, d_in), row stride ldx
+ * w_in    : IN  (n_trees * n_nodes, d_in), row stride ldw_in
+ * b_in    : IN  (n_trees * n_nodes,) or NULL
+ * w_out   : IN  (n_trees * n_nodes, d_out), row stride ldw_out (node-major)
+ * y       : OUT (n_tile, d_out), row stride ldy, or NULL (routes only)
+ * routes  : OUT (n_tile, n_trees, depth + 1), or NULL
+ * scratch : fff_scratch_bytes(n_tile, depth, n_trees) bytes
+ * n_threads : OpenMP threads that share this one tile (1: serial)
+ *
+ * Routing: per level group, tokens sorted by their node go in chunks of
+ * FFF_SHARE that walk the group's levels in lockstep; at each level, chunk
+ * tokens sitting on the same node take their dot products together
+ * (fff_dot_shared: the row is loaded once).  Output: tokens sorted by their
+ * leaf (hence by their whole path) are summed FFF_SHARE at a time
+ * (fff_path_sum_shared), so the rows they share are read from L1.
+ */
 FFF_DISPATCH
 static void FFF_NAME(fff_forward_tile)(const FFF_T *x, ptrdiff_t ldx, const FFF_T *w_in, ptrdiff_t ldw_in,
                                        const FFF_T *b_in, const FFF_T *w_out, ptrdiff_t ldw_out, ptrdiff_t n_tile,
