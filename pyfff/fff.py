@@ -169,7 +169,7 @@ class FFF:
         """x as a C-contiguous (n_samples, d_in) array of the layer dtype, and its leading shape."""
         if type(x) is not np.ndarray:
             x = np.asarray(x)
-        if x.dtype is not self.dtype and x.dtype != self.dtype:
+        if x.dtype != self.dtype:
             if x.dtype.kind != "f":
                 raise TypeError(f"x must be a float array, got dtype {x.dtype}")
             x = x.astype(self.dtype)
@@ -204,10 +204,9 @@ class FFF:
         y = self._bound.forward(x, n_threads, out)  # fast path: (n, d_in) C-contiguous, layer dtype
         if y is not NotImplemented:
             return y
-        if out is None:
-            x2, lead = self._prepare(x)
-            return self._bound.forward(x2, n_threads).reshape(lead + (self.d_out,))
         x2, lead = self._prepare(x)
+        if out is None:
+            return self._bound.forward(x2, n_threads).reshape(lead + (self.d_out,))
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
         if out.shape != lead + (self.d_out,):

@@ -89,6 +89,10 @@
 #define FFF_RESTRICT
 #endif
 
+/* fff_forward_tile takes a trailing n_threads argument (bench/dev builds older
+ * kernel variants without it against the same harness). */
+#define FFF_TILE_TAKES_N_THREADS 1
+
 /* Activation codes shared with pyfff/_fff_cpu.pyx. */
 enum { FFF_ACT_GELU = 0, FFF_ACT_GELU_TANH = 1, FFF_ACT_RELU = 2 };
 

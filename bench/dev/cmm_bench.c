@@ -57,7 +57,12 @@ int main(int argc, char **argv)
             double t0 = now();
             for (ptrdiff_t st = 0; st < batch; st += tile) {
                 ptrdiff_t n = batch - st < tile ? batch - st : tile;
+#ifdef FFF_TILE_TAKES_N_THREADS
                 TILE_FN(x + st * d, d, w_in, d, b, w_out, d, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch, n_inner);
+#else /* an older variant from bench/dev/variants: one thread */
+                (void)n_inner;
+                TILE_FN(x + st * d, d, w_in, d, b, w_out, d, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch);
+#endif
             }
             double dt = now() - t0;
             if (dt < best) best = dt;
