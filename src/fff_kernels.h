@@ -329,6 +329,94 @@ FFF_INLINE void FFF_NAME(fff_path_sum_shared)(FFF_T *const *ys, const FFF_T *FFF
         for (int j = 0; j < m; j++)
             FFF_NAME(fff_path_sum)(ys[j] + c, w_out + c, ldw, rows[j], as[j], n_path, d_out - c, 0);
 }
+
+/* Full chunks of exactly four tokens (the common case, FFF_SHARE = 4) get
+ * fully unrolled twins of the two functions above, with every accumulator a
+ * named variable: no `j < m` tests in the inner loops, nothing for the
+ * compiler to leave in memory.  Same sums in the same order, so bitwise the
+ * same results as fff_dot / fff_path_sum. */
+
+/* Dot products of the row w with four token rows. */
+FFF_INLINE void FFF_NAME(fff_dot4)(const FFF_T *FFF_RESTRICT w, const FFF_T *const *xs, ptrdiff_t n, FFF_T *z)
+{
+    const FFF_T *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
+    if (n % (4 * FFF_VL)) { /* a width with a tail: the general version */
+        FFF_NAME(fff_dot_shared)(w, xs, 4, n, z);
+        return;
+    }
+    FFF_V a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+    FFF_V a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+    for (ptrdiff_t i = 0; i < n; i += 4 * FFF_VL) {
+        const FFF_V w0 = FFF_LOAD(w + i), w1 = FFF_LOAD(w + i + FFF_VL);
+        const FFF_V w2 = FFF_LOAD(w + i + 2 * FFF_VL), w3 = FFF_LOAD(w + i + 3 * FFF_VL);
+        a00 += w0 * FFF_LOAD(x0 + i), a01 += w1 * FFF_LOAD(x0 + i + FFF_VL);
+        a02 += w2 * FFF_LOAD(x0 + i + 2 * FFF_VL), a03 += w3 * FFF_LOAD(x0 + i + 3 * FFF_VL);
+        a10 += w0 * FFF_LOAD(x1 + i), a11 += w1 * FFF_LOAD(x1 + i + FFF_VL);
+        a12 += w2 * FFF_LOAD(x1 + i + 2 * FFF_VL), a13 += w3 * FFF_LOAD(x1 + i + 3 * FFF_VL);
+        a20 += w0 * FFF_LOAD(x2 + i), a21 += w1 * FFF_LOAD(x2 + i + FFF_VL);
+        a22 += w2 * FFF_LOAD(x2 + i + 2 * FFF_VL), a23 += w3 * FFF_LOAD(x2 + i + 3 * FFF_VL);
+        a30 += w0 * FFF_LOAD(x3 + i), a31 += w1 * FFF_LOAD(x3 + i + FFF_VL);
+        a32 += w2 * FFF_LOAD(x3 + i + 2 * FFF_VL), a33 += w3 * FFF_LOAD(x3 + i + 3 * FFF_VL);
+    }
+    FFF_V v0 = (a00 + a01) + (a02 + a03), v1 = (a10 + a11) + (a12 + a13);
+    FFF_V v2 = (a20 + a21) + (a22 + a23), v3 = (a30 + a31) + (a32 + a33);
+    z[0] = FFF_NAME(fff_hsum)(&v0);
+    z[1] = FFF_NAME(fff_hsum)(&v1);
+    z[2] = FFF_NAME(fff_hsum)(&v2);
+    z[3] = FFF_NAME(fff_hsum)(&v3);
+}
+
+/* Outputs of four tokens, 4 x 4 vector accumulators per block of 4 FFF_VL
+ * columns.  A level whose row all four tokens share (the upper levels of
+ * tokens in leaf order) is loaded once and used four times. */
+FFF_INLINE void FFF_NAME(fff_path_sum4)(FFF_T *const *ys, const FFF_T *FFF_RESTRICT w_out, ptrdiff_t ldw,
+                                        const int32_t *const *rows, const FFF_T *const *as, int n_path,
+                                        ptrdiff_t d_out)
+{
+    const int32_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+    const FFF_T *a0 = as[0], *a1 = as[1], *a2 = as[2], *a3 = as[3];
+    ptrdiff_t c = 0;
+    for (; c + 4 * FFF_VL <= d_out; c += 4 * FFF_VL) {
+        FFF_V s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0};
+        FFF_V s20 = {0}, s21 = {0}, s22 = {0}, s23 = {0}, s30 = {0}, s31 = {0}, s32 = {0}, s33 = {0};
+        const FFF_T *wc = w_out + c;
+        for (int k = 0; k < n_path; k++) {
+            const FFF_T b0 = a0[k], b1 = a1[k], b2 = a2[k], b3 = a3[k];
+            const FFF_T *p0 = wc + (ptrdiff_t)r0[k] * ldw;
+            if (r1[k] == r0[k] && r2[k] == r0[k] && r3[k] == r0[k]) {
+                const FFF_V w0 = FFF_LOAD(p0), w1 = FFF_LOAD(p0 + FFF_VL);
+                const FFF_V w2 = FFF_LOAD(p0 + 2 * FFF_VL), w3 = FFF_LOAD(p0 + 3 * FFF_VL);
+                s00 += b0 * w0, s01 += b0 * w1, s02 += b0 * w2, s03 += b0 * w3;
+                s10 += b1 * w0, s11 += b1 * w1, s12 += b1 * w2, s13 += b1 * w3;
+                s20 += b2 * w0, s21 += b2 * w1, s22 += b2 * w2, s23 += b2 * w3;
+                s30 += b3 * w0, s31 += b3 * w1, s32 += b3 * w2, s33 += b3 * w3;
+            } else {
+                const FFF_T *p1 = wc + (ptrdiff_t)r1[k] * ldw, *p2 = wc + (ptrdiff_t)r2[k] * ldw;
+                const FFF_T *p3 = wc + (ptrdiff_t)r3[k] * ldw;
+                s00 += b0 * FFF_LOAD(p0), s01 += b0 * FFF_LOAD(p0 + FFF_VL);
+                s02 += b0 * FFF_LOAD(p0 + 2 * FFF_VL), s03 += b0 * FFF_LOAD(p0 + 3 * FFF_VL);
+                s10 += b1 * FFF_LOAD(p1), s11 += b1 * FFF_LOAD(p1 + FFF_VL);
+                s12 += b1 * FFF_LOAD(p1 + 2 * FFF_VL), s13 += b1 * FFF_LOAD(p1 + 3 * FFF_VL);
+                s20 += b2 * FFF_LOAD(p2), s21 += b2 * FFF_LOAD(p2 + FFF_VL);
+                s22 += b2 * FFF_LOAD(p2 + 2 * FFF_VL), s23 += b2 * FFF_LOAD(p2 + 3 * FFF_VL);
+                s30 += b3 * FFF_LOAD(p3), s31 += b3 * FFF_LOAD(p3 + FFF_VL);
+                s32 += b3 * FFF_LOAD(p3 + 2 * FFF_VL), s33 += b3 * FFF_LOAD(p3 + 3 * FFF_VL);
+            }
+        }
+        FFF_STORE(ys[0] + c, s00), FFF_STORE(ys[0] + c + FFF_VL, s01);
+        FFF_STORE(ys[0] + c + 2 * FFF_VL, s02), FFF_STORE(ys[0] + c + 3 * FFF_VL, s03);
+        FFF_STORE(ys[1] + c, s10), FFF_STORE(ys[1] + c + FFF_VL, s11);
+        FFF_STORE(ys[1] + c + 2 * FFF_VL, s12), FFF_STORE(ys[1] + c + 3 * FFF_VL, s13);
+        FFF_STORE(ys[2] + c, s20), FFF_STORE(ys[2] + c + FFF_VL, s21);
+        FFF_STORE(ys[2] + c + 2 * FFF_VL, s22), FFF_STORE(ys[2] + c + 3 * FFF_VL, s23);
+        FFF_STORE(ys[3] + c, s30), FFF_STORE(ys[3] + c + FFF_VL, s31);
+        FFF_STORE(ys[3] + c + 2 * FFF_VL, s32), FFF_STORE(ys[3] + c + 3 * FFF_VL, s33);
+    }
+    if (c < d_out) { /* the last columns: the general version */
+        FFF_T *yc[4] = {ys[0] + c, ys[1] + c, ys[2] + c, ys[3] + c};
+        FFF_NAME(fff_path_sum_shared)(yc, w_out + c, ldw, rows, as, 4, n_path, d_out - c);
+    }
+}
 #undef FFF_V
 #undef FFF_VL
 #undef FFF_LOAD
@@ -378,6 +466,18 @@ FFF_INLINE void FFF_NAME(fff_path_sum_shared)(FFF_T *const *ys, const FFF_T *w_o
 {
     for (int j = 0; j < m; j++)
         FFF_NAME(fff_path_sum)(ys[j], w_out, ldw, rows[j], as[j], n_path, d_out, 0);
+}
+
+FFF_INLINE void FFF_NAME(fff_dot4)(const FFF_T *w, const FFF_T *const *xs, ptrdiff_t n, FFF_T *z)
+{
+    FFF_NAME(fff_dot_shared)(w, xs, 4, n, z);
+}
+
+FFF_INLINE void FFF_NAME(fff_path_sum4)(FFF_T *const *ys, const FFF_T *w_out, ptrdiff_t ldw,
+                                        const int32_t *const *rows, const FFF_T *const *as, int n_path,
+                                        ptrdiff_t d_out)
+{
+    FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw, rows, as, 4, n_path, d_out);
 }
 #endif /* FFF_VECTOR_EXT */
 
@@ -478,6 +578,10 @@ FFF_INLINE void FFF_NAME(fff_tile_body)(const FFF_T *x, ptrdiff_t ldx, const FFF
                         }
                         if (m == 1)
                             z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
+#if FFF_SHARE == 4
+                        else if (m == 4)
+                            FFF_NAME(fff_dot4)(w_in_t + nd * ldw_in, xs, d_in, z);
+#endif
                         else
                             FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
                         const FFF_T bias = b_in ? b_in[t * n_nodes + nd] : (FFF_T)0;
@@ -528,6 +632,10 @@ FFF_INLINE void FFF_NAME(fff_tile_body)(const FFF_T *x, ptrdiff_t ldx, const FFF
             }
             if (m == 1)
                 FFF_NAME(fff_path_sum)(ys[0], w_out, ldw_out, rows[0], as[0], n_path, d_out, 0);
+#if FFF_SHARE == 4
+            else if (m == 4)
+                FFF_NAME(fff_path_sum4)(ys, w_out, ldw_out, rows, as, n_path, d_out);
+#endif
             else
                 FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw_out, rows, as, m, n_path, d_out);
         }
