@@ -4,20 +4,20 @@
 
 #define FFF_T float
 #define FFF_SUF f32
-#define FFF_ERF erff
 #define FFF_TANH tanhf
+#ifdef FFF_HAVE_GELU_F32
+#define FFF_GELU_BLOCK fff_gelu_f32 /* vectorised GELU; float64 calls libm's erfc */
+#endif
 #include "fff_kernels.h"
+#undef FFF_GELU_BLOCK
 #undef FFF_T
 #undef FFF_SUF
-#undef FFF_ERF
 #undef FFF_TANH
 
 #define FFF_T double
 #define FFF_SUF f64
-#define FFF_ERF erf
 #define FFF_TANH tanh
 #include "fff_kernels.h"
 #undef FFF_T
 #undef FFF_SUF
-#undef FFF_ERF
 #undef FFF_TANH

@@ -6,6 +6,8 @@ through the route-aware comparator of ``_fff_testing``; results must be
 bitwise identical across thread counts, tile sizes, memory layouts and batch
 composition (the kernel's documented guarantee).
 """
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -257,6 +259,37 @@ def test_tie_decides_the_output(dtype):
     layer_b = FFF(w_in, b_in + np.array([tiny, 0, 0], dtype), w_out, activation="relu")
     np.testing.assert_array_equal(layer_b.routes(x), [[[0, 2]]])  # a subnormal > 0 goes right (no FTZ/DAZ)
     np.testing.assert_array_equal(layer_b(x), np.array([[tiny, 45.0]], dtype))  # tiny * [1, 2] + 4.5 * [0, 10]
+
+
+def _ulps(got, want):
+    """Distance in units of the last place of `want` (both of one float dtype)."""
+    return np.abs(got.astype(np.float64) - want.astype(np.float64)) / np.spacing(np.abs(want)).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_is_accurate_to_an_ulp(global_random_seed, dtype):
+    """A depth-0 tree with unit weights outputs act(x): exact GELU within 1 ulp of the correctly rounded value.
+
+    float32 GELU is evaluated in double precision (a vectorised erfc in
+    src/fff_kernels.h, libm's erfc in the scalar twin), float64 with libm's erfc.  Inputs
+    cover the polynomial's range, tiny and huge logits and the negative side
+    where erfc underflows (z near -38).
+    """
+    rng = np.random.default_rng(global_random_seed)
+    z = np.concatenate([rng.uniform(-12, 12, 40000), rng.uniform(-40, -30, 2000), rng.standard_normal(3000) * 1e-30,
+                        rng.standard_normal(3000) * 1e30, [0.0, -0.0, 1e-45, -1e-45, 5.0, -5.0]]).astype(dtype)
+    layer = FFF(np.ones((1, 1), dtype), np.zeros(1, dtype), np.ones((1, 1), dtype), activation="gelu")
+    got = layer(z[:, None])[:, 0]
+    z64 = z.astype(np.float64)
+    want = (0.5 * z64 * np.vectorize(math.erfc, otypes=[np.float64])(-z64 / math.sqrt(2.0))).astype(dtype)
+    ulps = _ulps(got, want)
+    if dtype == np.float32:  # computed in double, rounded once
+        limit = 1
+        assert np.mean(got == want) > 0.99
+    else:  # both round z / sqrt(2) (differently); erfc turns that half ulp into up to about z**2 ulps
+        limit = 3 * (1.0 + z64 ** 2)
+    bad = np.flatnonzero(ulps > limit)
+    assert bad.size == 0, (z[bad[:5]], got[bad[:5]], want[bad[:5]])
 
 
 # ------------------------------------------------------------------- NaN input
