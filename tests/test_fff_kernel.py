@@ -292,6 +292,28 @@ def test_gelu_is_accurate_to_an_ulp(global_random_seed, dtype):
     assert bad.size == 0, (z[bad[:5]], got[bad[:5]], want[bad[:5]])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streaming_stores_give_the_same_output(global_random_seed, dtype):
+    """Output tiles of >= 4 MB are written with streaming stores when y is 16-byte aligned.
+
+    Same bits as plain stores: smaller batches (plain), and `out=` arrays at
+    every offset from 16-byte alignment (offset 16: streamed; 4, 8: plain).
+    """
+    d_out = 768 if dtype == np.float32 else 384  # 2048 tokens: a 6 MB output tile
+    layer, x = random_layer_and_x(global_random_seed, 2048, 8, d_out, 6, dtype=dtype)
+    plain = np.concatenate([layer(x[:1000]), layer(x[1000:])])  # 3 MB each: below the threshold
+    for n_threads in (1, 2):
+        np.testing.assert_array_equal(layer(x, n_threads=n_threads), plain, strict=True)
+        for offset in (0, 4, 8, 16):
+            if offset % np.dtype(dtype).itemsize:
+                continue
+            buf = np.zeros(plain.nbytes + 64, np.uint8)
+            base = (-buf.ctypes.data) % 64  # start from a 64-byte boundary, then shift
+            out = buf[base + offset:base + offset + plain.nbytes].view(dtype).reshape(plain.shape)
+            assert layer(x, n_threads=n_threads, out=out) is out
+            np.testing.assert_array_equal(out, plain, strict=True, err_msg=f"offset {offset}")
+
+
 # ------------------------------------------------------------------- NaN input
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
