@@ -627,6 +627,53 @@ FFF_INLINE void FFF_NAME(fff_sort_by_node)(const int32_t *order, int32_t *out, c
     }
 }
 
+/* One level of one chunk's walk: the chunk's kn <= FFF_SHARE tokens (ids)
+ * that sit on the same node take their dot products with one load of its
+ * row; each token's logit, node and next node are recorded. */
+FFF_INLINE void FFF_NAME(fff_chunk_level)(const FFF_T *x, ptrdiff_t ldx, const FFF_T *w_in_t, ptrdiff_t ldw_in,
+                                          const FFF_T *b_in_t, ptrdiff_t d_in, const int32_t *ids, int kn, int level,
+                                          int t, int n_lev, int n_path, ptrdiff_t n_nodes, FFF_T *acts,
+                                          int32_t *path, int64_t *routes, int32_t *node)
+{
+    int done[FFF_SHARE] = {0};
+    for (int k = 0; k < kn; k++) {
+        if (done[k])
+            continue;
+        /* The chunk's tokens on the same node as token k. */
+        const ptrdiff_t nd = node[ids[k]];
+        int grp[FFF_SHARE], m = 0;
+        const FFF_T *xs[FFF_SHARE];
+        FFF_T z[FFF_SHARE];
+        for (int j = k; j < kn; j++) {
+            if (!done[j] && node[ids[j]] == nd) {
+                done[j] = 1;
+                grp[m] = j;
+                xs[m++] = x + (ptrdiff_t)ids[j] * ldx;
+            }
+        }
+        if (m == 1)
+            z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
+#if FFF_SHARE == 4
+        else if (m == 4)
+            FFF_NAME(fff_dot4)(w_in_t + nd * ldw_in, xs, d_in, z);
+#endif
+        else
+            FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
+        for (int g = 0; g < m; g++) {
+            const ptrdiff_t i = ids[grp[g]];
+            FFF_T zg = z[g];
+            if (b_in_t)
+                zg += b_in_t[nd];
+            const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
+            path[p] = (int32_t)(t * n_nodes + nd);
+            acts[p] = zg; /* the logit; activated later, off the walk's critical path */
+            if (routes)
+                routes[p] = nd;
+            node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
+        }
+    }
+}
+
 /* The share of fff_forward_tile's work of thread `tid` out of `nthr`: a
  * static split of every loop, with the sorts on thread 0 and barriers
  * between the phases only when nthr > 1. The split is written out rather
@@ -672,47 +719,10 @@ FFF_INLINE void FFF_NAME(fff_tile_body)(const FFF_T *x, ptrdiff_t ldx, const FFF
             for (ptrdiff_t c = c0; c < c1; c++) {
                 const ptrdiff_t k0 = c * FFF_SHARE;
                 const int kn = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
-                const int32_t *ids = order + k0;
-                for (int level = l0; level < l1; level++) {
-                    int done[FFF_SHARE] = {0};
-                    for (int k = 0; k < kn; k++) {
-                        if (done[k])
-                            continue;
-                        /* The chunk's tokens on the same node as token k. */
-                        const ptrdiff_t nd = node[ids[k]];
-                        int grp[FFF_SHARE], m = 0;
-                        const FFF_T *xs[FFF_SHARE];
-                        FFF_T z[FFF_SHARE];
-                        for (int j = k; j < kn; j++) {
-                            if (!done[j] && node[ids[j]] == nd) {
-                                done[j] = 1;
-                                grp[m] = j;
-                                xs[m++] = x + (ptrdiff_t)ids[j] * ldx;
-                            }
-                        }
-                        if (m == 1)
-                            z[0] = FFF_NAME(fff_dot)(w_in_t + nd * ldw_in, xs[0], d_in);
-#if FFF_SHARE == 4
-                        else if (m == 4)
-                            FFF_NAME(fff_dot4)(w_in_t + nd * ldw_in, xs, d_in, z);
-#endif
-                        else
-                            FFF_NAME(fff_dot_shared)(w_in_t + nd * ldw_in, xs, m, d_in, z);
-                        const FFF_T bias = b_in ? b_in[t * n_nodes + nd] : (FFF_T)0;
-                        for (int g = 0; g < m; g++) {
-                            const ptrdiff_t i = ids[grp[g]];
-                            FFF_T zg = z[g];
-                            if (b_in)
-                                zg += bias;
-                            const size_t p = (size_t)i * n_path + (size_t)t * n_lev + level;
-                            path[p] = (int32_t)(t * n_nodes + nd);
-                            acts[p] = zg; /* the logit; activated below, off the walk's critical path */
-                            if (routes)
-                                routes[p] = nd;
-                            node[i] = (int32_t)(2 * nd + 1 + (zg > 0));
-                        }
-                    }
-                }
+                for (int level = l0; level < l1; level++)
+                    FFF_NAME(fff_chunk_level)(x, ldx, w_in_t, ldw_in, b_in ? b_in + t * n_nodes : NULL, d_in,
+                                              order + k0, kn, level, t, n_lev, n_path, n_nodes, acts, path, routes,
+                                              node);
             }
         }
     }
