@@ -38,11 +38,16 @@ ctypedef fused floating:
 # Activation codes of src/fff_kernels.h.
 ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
-# Tokens per tile: big enough that tokens share the deep subtrees' weight rows
-# (docs/performance.md), small enough that a tile's inputs stay in L2/L3.
-cdef Py_ssize_t _DEFAULT_TILE = 2048
-# Threads share one tile only when each gets at least this many of its tokens.
+# Tokens per tile: the more tokens a tile holds, the more of them share each
+# deep subtree's weight rows (16384 tokens: 8 per leaf row).  Measured against
+# 2048-token tiles at batch 16384, one thread: 10-16 % faster on both machines
+# of docs/performance.md.  Scratch: 16384 * (depth + 1) * 8 bytes + 3 ints per token.
+cdef Py_ssize_t _DEFAULT_TILE = 16384
+# Threads share one tile only when each gets at least this many of its tokens,
+# and only up to this many threads (16 threads did better on small tiles of
+# their own: 0.18-0.19 against 0.19-0.22 us/token at batch 16384).
 cdef Py_ssize_t _MIN_TOKENS_PER_INNER_THREAD = 512
+cdef int _MAX_INNER_THREADS = 4
 DEFAULT_TILE = _DEFAULT_TILE
 
 
@@ -60,8 +65,8 @@ cdef int _run(const floating *x, const floating *w_in, const floating *b_in, con
 
     * at least one full tile per thread (n >= n_threads * tile): tiles go to
       the threads (prange, static schedule; every token costs the same);
-    * a smaller batch, when every thread still gets at least
-      _MIN_TOKENS_PER_INNER_THREAD tokens of a tile: the tiles run one after
+    * a smaller batch, on at most _MAX_INNER_THREADS threads that each still
+      get _MIN_TOKENS_PER_INNER_THREAD tokens of a tile: the tiles run one after
       another and all threads work inside each tile (OpenMP in
       src/fff_kernels.h, each thread on its own subtrees), so the tile stays
       as large as the batch allows and its tokens keep sharing weight rows
@@ -85,7 +90,7 @@ cdef int _run(const floating *x, const floating *w_in, const floating *b_in, con
     cdef int inner = 1          # threads inside each tile
     t_size = min(tile, n)
     if n < <Py_ssize_t>n_threads * tile:
-        if t_size >= _MIN_TOKENS_PER_INNER_THREAD * n_threads:
+        if n_threads <= _MAX_INNER_THREADS and t_size >= _MIN_TOKENS_PER_INNER_THREAD * n_threads:
             inner = n_threads   # one tile at a time, all threads inside it
             n_threads = 1
         else:                   # smaller tiles, one per thread

@@ -60,23 +60,6 @@
 #define FFF_HAVE_DISPATCH 0
 #endif
 
-/* Non-temporal (streaming) stores of the output: SSE2's movntdq exists on
- * every x86-64 ISA level, so it can be used inside target_clones code. */
-#if defined(__SSE2__) && !defined(PYFFF_NO_STREAM_STORES)
-#include <emmintrin.h>
-#define FFF_HAVE_STREAM 1
-#else
-#define FFF_HAVE_STREAM 0
-#endif
-
-/* Output tiles at least this large (bytes) are written with streaming
- * stores: they leave L2 anyway, and a plain store would first read every
- * output line from memory (read for ownership).  Smaller outputs stay in
- * cache for whoever reads them next. */
-#ifndef FFF_STREAM_MIN_BYTES
-#define FFF_STREAM_MIN_BYTES ((size_t)4 << 20)
-#endif
-
 #ifdef _OPENMP
 #include <omp.h>
 /* A barrier among the threads sharing one tile; none when the tile runs on
@@ -261,24 +244,6 @@ typedef FFF_T FFF_NAME(fff_vec_u) __attribute__((vector_size(64), aligned(sizeof
 #define FFF_VL ((ptrdiff_t)(64 / sizeof(FFF_T)))
 #define FFF_LOAD(p) (*(const FFF_NAME(fff_vec_u) *)(p))
 #define FFF_STORE(p, v) (*(FFF_NAME(fff_vec_u) *)(p) = (v))
-
-/* Store the 64 bytes v at p; with `stream` (p 16-byte aligned) as four
- * streaming stores that bypass the caches. */
-FFF_INLINE void FFF_NAME(fff_put)(FFF_T *p, FFF_V v, int stream)
-{
-#if FFF_HAVE_STREAM
-    if (stream) {
-        __m128i q[4];
-        memcpy(q, &v, sizeof q);
-        for (int k = 0; k < 4; k++)
-            _mm_stream_si128((__m128i *)p + k, q[k]);
-        return;
-    }
-#else
-    (void)stream;
-#endif
-    FFF_STORE(p, v);
-}
 
 /* Sum of the lanes of v, folded pairwise in a fixed order: the upper half is
  * added onto the lower half (64 -> 32 -> 16 bytes, memcpy of halves compiles
@@ -480,11 +445,10 @@ FFF_INLINE void FFF_NAME(fff_dot4)(const FFF_T *FFF_RESTRICT w, const FFF_T *con
 
 /* Outputs of four tokens, 4 x 4 vector accumulators per block of 4 FFF_VL
  * columns.  A level whose row all four tokens share (the upper levels of
- * tokens in leaf order) is loaded once and used four times.  `stream`:
- * write the blocks with streaming stores (every ys[j] 16-byte aligned). */
+ * tokens in leaf order) is loaded once and used four times. */
 FFF_INLINE void FFF_NAME(fff_path_sum4)(FFF_T *const *ys, const FFF_T *FFF_RESTRICT w_out, ptrdiff_t ldw,
                                         const int32_t *const *rows, const FFF_T *const *as, int n_path,
-                                        ptrdiff_t d_out, int stream)
+                                        ptrdiff_t d_out)
 {
     const int32_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
     const FFF_T *a0 = as[0], *a1 = as[1], *a2 = as[2], *a3 = as[3];
@@ -516,14 +480,14 @@ FFF_INLINE void FFF_NAME(fff_path_sum4)(FFF_T *const *ys, const FFF_T *FFF_RESTR
                 s32 += b3 * FFF_LOAD(p3 + 2 * FFF_VL), s33 += b3 * FFF_LOAD(p3 + 3 * FFF_VL);
             }
         }
-        FFF_NAME(fff_put)(ys[0] + c, s00, stream); FFF_NAME(fff_put)(ys[0] + c + FFF_VL, s01, stream);
-        FFF_NAME(fff_put)(ys[0] + c + 2 * FFF_VL, s02, stream); FFF_NAME(fff_put)(ys[0] + c + 3 * FFF_VL, s03, stream);
-        FFF_NAME(fff_put)(ys[1] + c, s10, stream); FFF_NAME(fff_put)(ys[1] + c + FFF_VL, s11, stream);
-        FFF_NAME(fff_put)(ys[1] + c + 2 * FFF_VL, s12, stream); FFF_NAME(fff_put)(ys[1] + c + 3 * FFF_VL, s13, stream);
-        FFF_NAME(fff_put)(ys[2] + c, s20, stream); FFF_NAME(fff_put)(ys[2] + c + FFF_VL, s21, stream);
-        FFF_NAME(fff_put)(ys[2] + c + 2 * FFF_VL, s22, stream); FFF_NAME(fff_put)(ys[2] + c + 3 * FFF_VL, s23, stream);
-        FFF_NAME(fff_put)(ys[3] + c, s30, stream); FFF_NAME(fff_put)(ys[3] + c + FFF_VL, s31, stream);
-        FFF_NAME(fff_put)(ys[3] + c + 2 * FFF_VL, s32, stream); FFF_NAME(fff_put)(ys[3] + c + 3 * FFF_VL, s33, stream);
+        FFF_STORE(ys[0] + c, s00), FFF_STORE(ys[0] + c + FFF_VL, s01);
+        FFF_STORE(ys[0] + c + 2 * FFF_VL, s02), FFF_STORE(ys[0] + c + 3 * FFF_VL, s03);
+        FFF_STORE(ys[1] + c, s10), FFF_STORE(ys[1] + c + FFF_VL, s11);
+        FFF_STORE(ys[1] + c + 2 * FFF_VL, s12), FFF_STORE(ys[1] + c + 3 * FFF_VL, s13);
+        FFF_STORE(ys[2] + c, s20), FFF_STORE(ys[2] + c + FFF_VL, s21);
+        FFF_STORE(ys[2] + c + 2 * FFF_VL, s22), FFF_STORE(ys[2] + c + 3 * FFF_VL, s23);
+        FFF_STORE(ys[3] + c, s30), FFF_STORE(ys[3] + c + FFF_VL, s31);
+        FFF_STORE(ys[3] + c + 2 * FFF_VL, s32), FFF_STORE(ys[3] + c + 3 * FFF_VL, s33);
     }
     if (c < d_out) { /* the last columns: the general version */
         FFF_T *yc[4] = {ys[0] + c, ys[1] + c, ys[2] + c, ys[3] + c};
@@ -588,9 +552,8 @@ FFF_INLINE void FFF_NAME(fff_dot4)(const FFF_T *w, const FFF_T *const *xs, ptrdi
 
 FFF_INLINE void FFF_NAME(fff_path_sum4)(FFF_T *const *ys, const FFF_T *w_out, ptrdiff_t ldw,
                                         const int32_t *const *rows, const FFF_T *const *as, int n_path,
-                                        ptrdiff_t d_out, int stream)
+                                        ptrdiff_t d_out)
 {
-    (void)stream;
     FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw, rows, as, 4, n_path, d_out);
 }
 #endif /* FFF_VECTOR_EXT */
@@ -747,9 +710,6 @@ FFF_INLINE void FFF_NAME(fff_tile_body)(const FFF_T *x, ptrdiff_t ldx, const FFF
             memcpy(order, order2, (size_t)n_tile * sizeof(int32_t));
         }
         FFF_TEAM_BARRIER(nthr); /* activations and the leaf order are ready */
-        /* Large outputs with 16-byte aligned rows go out as streaming stores. */
-        const int stream = FFF_HAVE_STREAM && (size_t)n_tile * (size_t)d_out * sizeof(FFF_T) >= FFF_STREAM_MIN_BYTES &&
-                           (uintptr_t)y % 16 == 0 && ((size_t)ldy * sizeof(FFF_T)) % 16 == 0;
         for (ptrdiff_t c = c0; c < c1; c++) {
             const ptrdiff_t k0 = c * FFF_SHARE;
             const int m = n_tile - k0 < FFF_SHARE ? (int)(n_tile - k0) : FFF_SHARE;
@@ -766,15 +726,11 @@ FFF_INLINE void FFF_NAME(fff_tile_body)(const FFF_T *x, ptrdiff_t ldx, const FFF
                 FFF_NAME(fff_path_sum)(ys[0], w_out, ldw_out, rows[0], as[0], n_path, d_out, 0);
 #if FFF_SHARE == 4
             else if (m == 4)
-                FFF_NAME(fff_path_sum4)(ys, w_out, ldw_out, rows, as, n_path, d_out, stream);
+                FFF_NAME(fff_path_sum4)(ys, w_out, ldw_out, rows, as, n_path, d_out);
 #endif
             else
                 FFF_NAME(fff_path_sum_shared)(ys, w_out, ldw_out, rows, as, m, n_path, d_out);
         }
-#if FFF_HAVE_STREAM
-        if (stream)
-            _mm_sfence(); /* streaming stores are weakly ordered: make them visible before returning */
-#endif
     }
 }
 

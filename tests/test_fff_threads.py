@@ -1,8 +1,8 @@
 """Both ways the driver uses threads give the one-thread result, bit for bit.
 
 pyfff/_fff_cpu.pyx runs a batch either as one tile per thread, or (a batch
-below a full tile per thread, with >= 512 tokens per thread) one tile at a
-time with all threads inside it (src/fff_kernels.h, fff_tile_body).
+below a full tile per thread, on at most 4 threads with >= 512 tokens each)
+one tile at a time with all threads inside it (src/fff_kernels.h, fff_tile_body).
 """
 import numpy as np
 import pytest
@@ -17,6 +17,8 @@ from _fff_testing import compare_with_reference
     (1100, 2, 2048),    # inside one tile, a ragged last chunk
     (3000, 2, 1024),    # one tile per thread, three tiles
     (700, 4, 2048),     # 175 tokens per thread: one small tile each
+    (6000, 5, 16384),   # 1200 tokens per thread, but 5 threads: one small tile each
+    (5000, 4, 16384),   # inside one 5000-token tile: 4 threads, 1250 tokens each
 ])
 def test_thread_modes_are_bitwise_identical(dtype, batch, n_threads, tile):
     layer = FFF.random(29, 13, 8, n_trees=2, seed=5, dtype=dtype)
