@@ -1,7 +1,7 @@
 """Time per token of pyfff's CPU kernel for tile sizes x thread counts, on distinct tokens (bench/dev).
 
 Usage: PYTHONPATH=<build dir> python bench/dev/tile_scaling.py [--batch 2048 16384]
-           [--threads 1 2 4 8 16] [--tiles 2048 16384] [--repeat 7]
+           [--threads 1 2 4 8 16] [--tiles 2048 16384 (default: the driver's)] [--repeat 7]
 
 Each call gets a fresh batch from a pool of about 256 MB (x comes from DRAM, as
 in `pyfff bench`), writes into a preallocated output, and goes through
@@ -20,7 +20,7 @@ from pyfff import FFF
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, nargs="+", default=[2048, 16384])
 p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-p.add_argument("--tiles", type=int, nargs="+", default=[2048, 16384])
+p.add_argument("--tiles", type=int, nargs="+", default=[pyfff._fff_cpu.DEFAULT_TILE])
 p.add_argument("--repeat", type=int, default=7)
 p.add_argument("--pool-mb", type=int, default=256)
 a = p.parse_args()
