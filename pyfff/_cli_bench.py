@@ -162,11 +162,22 @@ def _progress(args, text):
         print(text, file=sys.stderr, flush=True)
 
 
+def _blas_last(cases):
+    """Indices of the cases, the BLAS (dense) ones last, otherwise in their order.
+
+    OpenBLAS's worker threads keep spinning for a while after a multithreaded
+    GEMM; a pyfff case timed right after one shares the cores with them (2
+    threads at batch 2048 measured 1.66x one thread that way, 1.92-2.02x
+    alone)."""
+    return sorted(range(len(cases)), key=lambda i: cases[i][2].startswith("dense"))
+
+
 def run_cases(args, cases):
-    """Run every case; returns (results, skipped) with speed-ups filled in."""
-    results, skipped = [], []
+    """Run every case (BLAS cases last); returns (results in case order, skipped) with speed-ups filled in."""
+    results, skipped = {}, []
     t_start = time.perf_counter()
-    for i, (shape, n, kernel) in enumerate(cases, 1):
+    for i, case_index in enumerate(_blas_last(cases), 1):
+        shape, n, kernel = cases[case_index]
         where = f"[{i}/{len(cases)}] {kernel} threads={n} batch={shape.batch} depth={shape.depth} " \
                 f"width={shape.width} {shape.dtype}"
         try:
@@ -179,10 +190,10 @@ def run_cases(args, cases):
         times, out, load = B.measure(prep, repeat=args.repeat, max_time=args.max_time)
         res = B.result_from(prep, shape, times, prep.check(out), load)
         del out
-        results.append(res)
+        results[case_index] = res
         _progress(args, f"{where}: {res.us_per_token:.3f} us/token, {res.n_runs} runs, "
                         f"correct={'yes' if res.correct else 'NO'}  ({time.perf_counter() - t_start:.1f} s)")
-    return B.speedups(results), skipped
+    return B.speedups([results[i] for i in sorted(results)]), skipped
 
 
 # a row timed while other processes used more than this many cores gets a '*' (see the footnote)
@@ -198,7 +209,7 @@ def _busy(r):
 
 
 def format_table(results):
-    """The results as a fixed-width text table (one row per result, in run order)."""
+    """The results as a fixed-width text table (one row per result, in case order)."""
     head = ["kernel", "threads", "batch", "depth", "width", "dtype", "us/token", "speed-up", "scaling", "GFLOP/s",
             "GB/s", "correct"]
     rows = []

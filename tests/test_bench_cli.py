@@ -404,3 +404,10 @@ def test_default_kernels_leave_out_dense_gelu_without_scipy(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.special", None)  # import raises ImportError
     assert "dense_gelu" not in _cli_bench._default_kernels()
     assert {"pyfff", "dense"} <= set(_cli_bench._default_kernels())
+
+
+def test_blas_cases_run_last():
+    """OpenBLAS threads spin after a GEMM: every dense case runs after every other case."""
+    from pyfff._cli_bench import _blas_last
+    cases = [(None, 1, k) for k in ("pyfff", "dense", "numpy_ref", "dense_gelu", "pyfff", "dense_3072")]
+    assert _blas_last(cases) == [0, 2, 4, 1, 3, 5]
