@@ -104,7 +104,7 @@ class CaseRunner:
                 rounds = B.plan_rounds(t_one, self.budget)
                 y = benchmark.pedantic(prep.run, rounds=rounds, warmup_rounds=1 if t_one < 0.2 else 0,
                                        iterations=1)
-        check = prep.check(y)
+        check = B.check(prep, y)
         info.update(correct=check.correct, checked_rows=check.n_rows, max_rel_err=check.max_rel_err,
                     route_ties=check.n_route_ties)
         if check.detail:

@@ -188,7 +188,7 @@ def run_cases(args, cases):
             _progress(args, f"{where}: skipped ({exc})")
             continue
         times, out, load = B.measure(prep, repeat=args.repeat, max_time=args.max_time)
-        res = B.result_from(prep, shape, times, prep.check(out), load)
+        res = B.result_from(prep, shape, times, B.check(prep, out), load)
         del out
         results[case_index] = res
         _progress(args, f"{where}: {res.us_per_token:.3f} us/token, {res.n_runs} runs, "

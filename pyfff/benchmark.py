@@ -542,13 +542,20 @@ def measure(prep: Prepared, **timing) -> tuple:
     return times, out, load.cores
 
 
+def check(prep: Prepared, out) -> Check:
+    """``prep.check(out)`` on one BLAS thread: the check's small matrix products must not leave
+    OpenBLAS worker threads spinning on the cores the next timed case runs on."""
+    with blas_limits(1):
+        return prep.check(out)
+
+
 def run_case(name: str, shape: Shape, n_threads: int, seed: int = 0, pool_tokens: int = POOL_TOKENS,
              **timing) -> Result:
     """Prepare, time and check one implementation on one shape (see :class:`Workload` for ``pool_tokens``)."""
     work = Workload(shape, seed, pool_tokens)
     prep = prepare(name, work, n_threads)
     times, out, load = measure(prep, **timing)
-    return result_from(prep, shape, times, prep.check(out), load)
+    return result_from(prep, shape, times, check(prep, out), load)
 
 
 def speedups(results):
