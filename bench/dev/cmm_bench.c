@@ -3,6 +3,8 @@
  * Build and run (from the repo root):
  *   gcc -O3 -fopenmp -Isrc bench/dev/cmm_bench.c -o /tmp/cmm_bench -lm && /tmp/cmm_bench [batch] [tile] [depth]
  * Prints the best-of-N time per token for the full forward pass and for routing only.
+ * Environment: POOL=k (k batches of distinct tokens), SAME_X=1 (all tokens equal), WIN0=1 / WOUT0=1
+ * (all nodes share weight row 0), NO_THP=1; bench/dev/ab.py runs builds interleaved.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +54,9 @@ int main(int argc, char **argv)
     if (getenv("SAME_X")) /* every token equal: same path, all rows hot (compute-bound reference) */
         for (ptrdiff_t i = d; i < pool * batch * d; i++) x[i] = x[i % d];
     if (tile > batch) tile = batch;
+    /* WIN0=1 / WOUT0=1: every node reads row 0 of w_in / w_out (row stride 0), to time the walk
+     * without fetching input / output weight rows (WIN0 also changes the routes) */
+    const ptrdiff_t ldw_in = getenv("WIN0") ? 0 : d, ldw_out = getenv("WOUT0") ? 0 : d;
     void *scratch = malloc(SCRATCH_FN(tile, depth, 1));
     for (int pass = 0; pass < 2; pass++) {
         double best = 1e30;
@@ -61,10 +66,10 @@ int main(int argc, char **argv)
             for (ptrdiff_t st = 0; st < batch; st += tile) {
                 ptrdiff_t n = batch - st < tile ? batch - st : tile;
 #ifdef FFF_TILE_TAKES_N_THREADS
-                TILE_FN(xr + st * d, d, w_in, d, b, w_out, d, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch, n_inner);
+                TILE_FN(xr + st * d, d, w_in, ldw_in, b, w_out, ldw_out, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch, n_inner);
 #else /* an older variant from bench/dev/variants: one thread */
                 (void)n_inner;
-                TILE_FN(xr + st * d, d, w_in, d, b, w_out, d, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch);
+                TILE_FN(xr + st * d, d, w_in, ldw_in, b, w_out, ldw_out, n, d, d, depth, 1, act, pass ? NULL : y + st * d, d, NULL, scratch);
 #endif
             }
             double dt = now() - t0;
