@@ -56,9 +56,6 @@ FFF_SCHEDULES = {
     "split6,768-blocks": {"splits": (6,), "sort_output": True, "variant": _B768},
     "split4": {"splits": (4,), "sort_output": True},
     "split6,unsorted-output": {"splits": (6,), "sort_output": False},
-    "leafsort,grouped-output": {"splits": (), "sort_output": True, "variant": {"output": "grouped"}},
-    "split6,grouped-output": {"splits": (6,), "sort_output": True, "variant": {"output": "grouped"}},
-    "direct,grouped-output": {"splits": (), "sort_output": False, "variant": {"output": "grouped"}},
 }
 FFF_SCHEDULES = {k if v is None else f"pyfff_gpu[{k}]": v for k, v in FFF_SCHEDULES.items()}
 

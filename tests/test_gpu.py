@@ -37,7 +37,6 @@ SCHEDULES = {
     "default": None,
     "direct": ((), False),
     "leafsort": ((), True),
-    "leafsort_grouped": ((), True, {"output": "grouped"}),
     "split_mid": ("mid", True),
     "split_mid_unsorted_out": ("mid", False),
     "split_1": ((1,), True),
@@ -193,10 +192,10 @@ def schedule_args(layer, name):
     sched = SCHEDULES[name]
     if sched is None:
         return {}
-    splits, sort_output, *variant = sched
+    splits, sort_output = sched
     if splits == "mid":
         splits = (min(max(layer.depth // 2, 1), 12),) if layer.depth >= 1 else ()
-    return {"splits": splits, "sort_output": sort_output, **({"variant": variant[0]} if variant else {})}
+    return {"splits": splits, "sort_output": sort_output}
 
 
 def run_gpu(gpu, x, schedule="default"):
@@ -244,7 +243,7 @@ def test_depths(depth):
 
 
 @requires_gpu
-@pytest.mark.parametrize("schedule", ["direct", "leafsort", "leafsort_grouped", "split_mid", "split_1"])
+@pytest.mark.parametrize("schedule", ["direct", "leafsort", "split_mid", "split_1"])
 @pytest.mark.parametrize("n_trees", [1, 2, 3, 4])
 def test_trees(n_trees, schedule):
     cpu, gpu = make_layer(33, 40, depth=6, n_trees=n_trees, seed=n_trees)
@@ -253,7 +252,7 @@ def test_trees(n_trees, schedule):
 
 
 @requires_gpu
-@pytest.mark.parametrize("schedule", ["direct", "default", "split_mid_unsorted_out", "leafsort_grouped"])
+@pytest.mark.parametrize("schedule", ["direct", "default", "split_mid_unsorted_out"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_dtypes_and_activations(dtype, activation, schedule):
@@ -279,12 +278,10 @@ def test_schedules_deep_tree(splits, sort_output, dtype):
 
 
 VARIANTS = [{"route_block": rb, "out_block": ob} for rb in (256, 768) for ob in (256, 768)]
-VARIANTS += [{"route_block": 256, "out_block": 256, "output": "grouped"}]
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", VARIANTS,
-                         ids=lambda v: "route{route_block}-out{out_block}-{output}".format(**{"output": "warp", **v}))
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "route{route_block}-out{out_block}".format(**v))
 @pytest.mark.parametrize("splits,sort_output", [((), False), ((), True), ((3,), True)])
 @pytest.mark.parametrize("dtype,d_in,d_out", [(np.float32, 768, 768), (np.float32, 17, 9), (np.float64, 40, 30),
                                               (np.float64, 1100, 7)])
@@ -298,27 +295,6 @@ def test_kernel_variants(variant, splits, sort_output, dtype, d_in, d_out):
         y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, sort_output=sort_output,
                                  variant=variant)
         check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
-
-
-@requires_gpu
-@pytest.mark.parametrize("dtype,d_out", [(np.float32, 768), (np.float32, 1028), (np.float32, 7), (np.float64, 768),
-                                         (np.float64, 5)])
-@pytest.mark.parametrize("depth,n_trees", [(11, 1), (5, 3), (12, 3)])  # 12, 18, 39 terms (39: fff_output)
-def test_grouped_output_is_bitwise_the_warp_output(dtype, d_out, depth, n_trees):
-    """fff_output_grouped sums the same terms in the same order as fff_output: the same bits, in leaf order
-    (groups share rows) and batch order, for batches that leave the last group partly empty."""
-    import cupy as cp
-
-    cpu, gpu = make_layer(24, d_out, depth=depth, n_trees=n_trees, dtype=dtype, seed=depth + d_out)
-    for batch in (1, 8, 9, 1001):
-        x = cp.asarray(make_x(batch, 24, dtype, seed=batch))
-        for sort_output in (False, True):
-            y_warp, _ = gpu._run(x, want_output=True, splits=(), sort_output=sort_output)
-            y_warp = cp.asnumpy(y_warp)
-            y_grp, (nodes, _) = gpu._run(x, want_output=True, splits=(), sort_output=sort_output,
-                                         variant={"output": "grouped"})
-            np.testing.assert_array_equal(cp.asnumpy(y_grp), y_warp, strict=True)
-        check_layer(cpu, cp.asnumpy(x), cp.asnumpy(y_grp), cp.asnumpy(nodes).astype(np.int64))
 
 
 @requires_gpu
@@ -339,7 +315,7 @@ def test_bad_schedule():
     for splits in [(0,), (6,), (3, 2), (2, 2)]:
         with pytest.raises(ValueError, match="splits"):
             gpu._run(x, want_output=True, splits=splits, sort_output=True)
-    for variant in ({"route_block": 512}, {"out_block": 1024}, {"threads": 1}, {"output": "blocks"}):
+    for variant in ({"route_block": 512}, {"out_block": 1024}, {"threads": 1}):
         with pytest.raises(ValueError, match="variant"):
             gpu._run(x, want_output=True, variant=variant)
 

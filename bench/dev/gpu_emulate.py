@@ -126,9 +126,7 @@ class _Kernel:
         self.name = name
         self.kernel = types.SimpleNamespace(ptr=id(self))
         base = name.split("<")[0]
-        # fff_output_grouped computes the same sums as fff_output from the same arguments
-        self._fn = {"fff_route": _route, "fff_bucket_scatter": _scatter, "fff_output": _output,
-                    "fff_output_grouped": _output}[base]
+        self._fn = {"fff_route": _route, "fff_bucket_scatter": _scatter, "fff_output": _output}[base]
 
 
 def _decode(carg):
@@ -147,10 +145,7 @@ def _decode(carg):
 
 
 def emulated_launch(launch, stream_ptr):
-    if launch.kernel.name.startswith("fff_output_grouped"):
-        assert launch.grid >= 1 and launch.block % 32 == 0 and 32 <= launch.block <= 256
-    else:
-        assert launch.grid >= 1 and launch.block in (256, 768)
+    assert launch.grid >= 1 and launch.block in (256, 768)
     launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 

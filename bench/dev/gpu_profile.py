@@ -23,7 +23,6 @@ SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
     "direct": {"splits": (), "sort_output": False},
     "split6": {"splits": (6,), "sort_output": True},
     "leafsort": {"splits": (), "sort_output": True},
-    "leafsort,grouped-output": {"splits": (), "sort_output": True, "variant": {"output": "grouped"}},
 }
 
 

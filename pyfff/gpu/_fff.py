@@ -46,16 +46,9 @@ _INT32_MAX = 2**31 - 1
 # and are tested.
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
-# Kernel variants: threads per block of fff_route and fff_output (256: three blocks per SM, or 768: one), and
-# the output kernel: "warp" (fff_output, one warp per token) or "grouped" (fff_output_grouped, groups of
-# _GROUP consecutive positions sharing row loads; layers with more than _GROUP_MAX_TERMS terms per token
-# use fff_output).
-_VARIANT = {"route_block": 256, "out_block": 256, "output": "warp"}
+# Kernel variants: threads per block of fff_route and fff_output (256: three blocks per SM, or 768: one).
+_VARIANT = {"route_block": 256, "out_block": 256}
 _BLOCKS = (256, 768)
-_OUTPUTS = ("warp", "grouped")
-_GROUP = 8  # PYFFF_GROUP
-_GROUP_MAX_TERMS = 32  # PYFFF_GROUP_MAX_TERMS
-_GROUP_BLOCK = 256  # PYFFF_GROUP_BLOCK
 _MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
 
 _ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
@@ -191,16 +184,9 @@ class _Plan:
                         order = perm
         if want_output:
             vec_out = 16 // layer.dtype.itemsize if layer.d_out % (16 // layer.dtype.itemsize) == 0 else 1
-            if variant["output"] == "grouped" and layer.n_trees * levels <= _GROUP_MAX_TERMS:
-                output = _kernel(f"fff_output_grouped<{layer._ctype}, {vec_out}>")
-                n_vec = layer.d_out // vec_out
-                g_block = min(_GROUP_BLOCK, -(-n_vec // 32) * 32)  # one vector per thread where it fits
-                n_sm = cp.cuda.runtime.deviceGetAttribute(_ATTR_SM_COUNT, layer.device_id)
-                out_grid = max(1, min(-(-n // _GROUP), n_sm * (2048 // g_block)))
-            else:
-                g_block = variant["out_block"]
-                output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>")
-                out_grid = _grid(output, g_block, n, layer.device_id)
+            g_block = variant["out_block"]
+            output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>")
+            out_grid = _grid(output, g_block, n, layer.device_id)
             self.launches.append(_Launch(output, out_grid, g_block, [
                 _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
                 i32(layer.n_trees), i32(layer.depth), i32(layer._act),
@@ -222,9 +208,8 @@ def _check_variant(variant):
     merged.update(variant or {})
     if set(merged) != set(_VARIANT):
         raise ValueError(f"unknown variant keys {sorted(set(merged) - set(_VARIANT))}")
-    if any(merged[k] not in _BLOCKS for k in ("route_block", "out_block")) or merged["output"] not in _OUTPUTS:
-        raise ValueError(f"no compiled kernels for variant {merged}: blocks of {_BLOCKS} threads, "
-                         f"outputs {_OUTPUTS}")
+    if any(merged[k] not in _BLOCKS for k in merged):
+        raise ValueError(f"no compiled kernels for variant {merged}: blocks of {_BLOCKS} threads")
     return merged
 
 

@@ -23,7 +23,7 @@ _OPTIONS = ("-std=c++17",)
 _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 
 NAME_EXPRESSIONS = {
-    "fff.cu": tuple(f"{kernel}<{ctype}, {vec}>" for kernel in ("fff_route", "fff_output", "fff_output_grouped")
+    "fff.cu": tuple(f"{kernel}<{ctype}, {vec}>" for kernel in ("fff_route", "fff_output")
                     for ctype, vecs in _TYPES for vec in vecs),
 }
 

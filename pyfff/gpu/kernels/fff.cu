@@ -10,10 +10,6 @@
 //   fff_bucket_scatter   counting sort of the tokens by that key (extern "C").
 //   fff_output<T, VEC>   one warp per token: y = sum over trees and levels of
 //                        act(logit) * w_out[row], written once.
-//   fff_output_grouped<T, VEC>  the same sums for PYFFF_GROUP consecutive
-//                        positions at a time, the block's threads splitting the
-//                        columns; a row that neighbouring tokens share (tokens in
-//                        leaf order share most of their path) is loaded once.
 //
 // T is float or double; VEC is the number of T per load (16 bytes: 4 floats or
 // 2 doubles, or 1 when a width or a pointer does not allow 16-byte loads; the
@@ -39,10 +35,6 @@
 #define PYFFF_SCATTER_ITEMS 2
 // Largest block of fff_route (one token per warp) and fff_output; the host launches 256 or 768 threads.
 #define PYFFF_MAX_BLOCK 768
-// fff_output_grouped: tokens per group, most terms (n_trees * (depth + 1)) per token, largest block.
-#define PYFFF_GROUP 8
-#define PYFFF_GROUP_MAX_TERMS 32
-#define PYFFF_GROUP_BLOCK 256
 
 #define PYFFF_ACT_GELU 0
 #define PYFFF_ACT_GELU_TANH 1
@@ -405,83 +397,6 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
             for (int j = 0; j < J; ++j) {
                 const int v = v0 + lane + 32 * j;
                 if (v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
-            }
-        }
-    }
-}
-
-// The same outputs as fff_output, PYFFF_GROUP consecutive positions at a time.
-//
-// The block's threads split the row into VEC-wide vectors (thread t: vectors t, t + blockDim.x, ...) and
-// keep the accumulators of all PYFFF_GROUP tokens of the group for their vectors in registers. For each
-// term k, the tokens' rows are visited in position order and a row equal to the previous token's is not
-// loaded again: with positions in leaf order (sort_output), the tokens of a group share their upper rows
-// and often their whole path, so far fewer rows cross L1/L2 than with one warp per token. Every output
-// element is fma(act_k, w_k, acc) over k in the order of fff_output: the same bits. Needs n_terms <=
-// PYFFF_GROUP_MAX_TERMS (the host falls back to fff_output beyond).
-template <typename T, int VEC>
-__global__ void __launch_bounds__(PYFFF_GROUP_BLOCK) fff_output_grouped(
-    const int* __restrict__ nodes,   // IN  (n, n_trees, depth + 1)
-    const T* __restrict__ logits,    // IN  (n, n_trees, depth + 1)
-    const long long n,
-    const int d_out,                 // multiple of VEC
-    const T* __restrict__ w_out,     // IN  (n_trees * n_nodes, d_out)
-    const int n_trees,
-    const int depth,
-    const int act,
-    const int* __restrict__ order,   // IN  (n,), read only if use_order
-    const int use_order,
-    T* __restrict__ y)               // OUT (n, d_out)
-{
-    __shared__ long long s_row[PYFFF_GROUP][PYFFF_GROUP_MAX_TERMS];
-    __shared__ T s_act[PYFFF_GROUP][PYFFF_GROUP_MAX_TERMS];
-    __shared__ long long s_tok[PYFFF_GROUP];
-    const int nvec = d_out / VEC;
-    const int levels = depth + 1;
-    const int n_terms = n_trees * levels;
-    if (n_terms > PYFFF_GROUP_MAX_TERMS) return;  // the host never launches it so
-    const long long n_nodes = (2LL << depth) - 1;
-    const long long n_groups = (n + PYFFF_GROUP - 1) / PYFFF_GROUP;
-
-    for (long long grp = blockIdx.x; grp < n_groups; grp += gridDim.x) {
-        const long long p0 = grp * PYFFF_GROUP;
-        const int gn = (int)min((long long)PYFFF_GROUP, n - p0);  // tokens in this group
-        __syncthreads();  // the previous group is done with the shared arrays
-        for (int i = threadIdx.x; i < PYFFF_GROUP * n_terms; i += blockDim.x) {
-            const int g = i / n_terms, k = i - g * n_terms;
-            const long long tok = g < gn ? token_at(order, use_order, p0 + g, n) : -1;
-            if (k == 0) s_tok[g] = tok;
-            s_row[g][k] = tok >= 0 ? (long long)(k / levels) * n_nodes + nodes[tok * n_terms + k] : 0;
-            s_act[g][k] = tok >= 0 ? activation(logits[tok * n_terms + k], act) : T(0);
-        }
-        __syncthreads();
-        for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-            T acc[PYFFF_GROUP][VEC];
-            #pragma unroll
-            for (int g = 0; g < PYFFF_GROUP; ++g) {
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[g][c] = T(0);
-            }
-            for (int k = 0; k < n_terms; ++k) {
-                long long prev = -1;
-                T w[VEC];
-                #pragma unroll
-                for (int g = 0; g < PYFFF_GROUP; ++g) {
-                    if (g < gn) {  // uniform across the block
-                        const long long row = s_row[g][k];
-                        if (row != prev) {  // uniform too: every thread reads the same row ids
-                            load_vec<false>(w_out + row * d_out + (long long)v * VEC, w);
-                            prev = row;
-                        }
-                        const T a = s_act[g][k];
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) acc[g][c] = fma(a, w[c], acc[g][c]);
-                    }
-                }
-            }
-            #pragma unroll
-            for (int g = 0; g < PYFFF_GROUP; ++g) {
-                if (g < gn && s_tok[g] >= 0) store_vec<T, VEC>(y + s_tok[g] * d_out + (long long)v * VEC, acc[g]);
             }
         }
     }
