@@ -13,10 +13,12 @@
  * - A token's result depends only on the token and the weights: never on the
  *   other tokens of its tile, the tile size, the thread count, or the order in
  *   which tokens are visited.  Every dot product and every output element is
- *   summed in one fixed order (fff_dot and fff_dot_shared share their
- *   accumulator structure; fff_path_sum and fff_path_sum_shared add a path's
- *   rows in path order), so results are bitwise identical for every n_threads
- *   and tile size, and a token alone equals the same token inside a batch.
+ *   summed in one fixed order (fff_dot, fff_dot_shared and fff_dot4 share
+ *   their accumulator structure; fff_path_sum, fff_path_sum_shared and
+ *   fff_path_sum4 add a path's rows in path order), so results are bitwise
+ *   identical for every n_threads and tile size, and a token alone equals the
+ *   same token inside a batch.  Activations are computed element by element
+ *   (float32 GELU: the vectorised fff_gelu_f32, in double precision).
  * - Routing: go right when the logit is > 0; a logit of exactly 0 (and NaN)
  *   goes left, as upstream's `logits > 0`.
  * - No allocation: the caller hands in scratch memory (fff_scratch_bytes_*).
@@ -27,10 +29,12 @@
  * group the tile's tokens are counting-sorted by the node they sit on, then
  * walk the group's levels FFF_SHARE at a time in lockstep; tokens of such a
  * chunk that sit on the same node take their dot products with one load of
- * the row.  Tokens that share a subtree run back to back, so its rows are
- * fetched from L2/L3 about once per tile instead of once per token.  The
- * outputs are then summed in leaf order, FFF_SHARE tokens at a time, with the
- * output block in registers and shared rows read from L1.
+ * the row (fff_dot4 when all four do).  Tokens that share a subtree run back
+ * to back, so its rows are fetched from L2/L3 about once per tile instead of
+ * once per token.  The outputs are then summed in leaf order, FFF_SHARE
+ * tokens at a time, with the output block in registers and a row that all
+ * four share loaded once (fff_path_sum4).  The driver (pyfff/_fff_cpu.pyx)
+ * cuts batches into tiles of up to 16384 tokens.
  *
  * SIMD: explicit, with GCC/Clang vector extensions (64-byte vectors, four
  * independent accumulators per dot product), not left to the
