@@ -32,13 +32,16 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 def apply_activation(z: np.ndarray, name: str) -> np.ndarray:
     """Apply the named activation elementwise, in the dtype of ``z``.
 
-    ``gelu`` is the exact, erf-based GELU (``torch.nn.GELU()``),
-    ``gelu_tanh`` the tanh approximation (``approximate="tanh"``).
+    ``gelu`` is the exact, erf-based GELU (``torch.nn.GELU()``), evaluated in
+    float64 as ``0.5 z erfc(-z / sqrt 2)``: the same function as
+    ``0.5 z (1 + erf(z / sqrt 2))`` without that form's cancellation for z < 0.
+    ``gelu_tanh`` is the tanh approximation (``approximate="tanh"``).
     """
     z = np.asarray(z)
     if name == "gelu":
-        erf = np.vectorize(math.erf, otypes=[np.float64])
-        return (0.5 * z * (1.0 + erf(z.astype(np.float64) / math.sqrt(2.0)))).astype(z.dtype)
+        erfc = np.vectorize(math.erfc, otypes=[np.float64])
+        z64 = z.astype(np.float64)
+        return (0.5 * z64 * erfc(-z64 / math.sqrt(2.0))).astype(z.dtype)
     if name == "gelu_tanh":
         c = math.sqrt(2.0 / math.pi)
         z64 = z.astype(np.float64)

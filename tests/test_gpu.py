@@ -13,6 +13,7 @@ own route, and the reference output wherever the routes agree.
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -275,6 +276,30 @@ def test_schedules_deep_tree(splits, sort_output, dtype):
     x = make_x(3000, 8, dtype)
     y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, sort_output=sort_output)
     check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_gelu_is_accurate_to_an_ulp(dtype):
+    """A depth-0 tree with unit weights outputs act(x): GELU within 1 ulp of the correctly rounded value in
+    float32 (evaluated in double, as on the CPU, whose result it nearly always equals); float64 within
+    CUDA's erfc accuracy plus the conditioning of erfc to its rounded argument (about z**2 ulps)."""
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.uniform(-12, 12, 40000), rng.uniform(-40, -30, 2000), rng.standard_normal(3000) * 1e-30,
+                        rng.standard_normal(3000) * 1e30]).astype(dtype)
+    cpu = pyfff.FFF(np.ones((1, 1), dtype), np.zeros(1, dtype), np.ones((1, 1), dtype), activation="gelu")
+    got = pyfff.gpu.FFF.from_cpu(cpu)(z[:, None])[:, 0]
+    z64 = z.astype(np.float64)
+    want = (0.5 * z64 * np.vectorize(math.erfc, otypes=[np.float64])(-z64 / math.sqrt(2.0))).astype(dtype)
+    ulps = np.abs(got.astype(np.float64) - want) / np.spacing(np.abs(want)).astype(np.float64)
+    if dtype == np.float32:
+        limit = 1
+        assert np.mean(got == want) > 0.99
+        assert np.mean(got == cpu(z[:, None])[:, 0]) > 0.99
+    else:  # CUDA's double erfc is within 5 ulp; both sides round z / sqrt(2), which erfc amplifies by ~z**2
+        limit = 8 + 3 * z64 ** 2
+    bad = np.flatnonzero(ulps > limit)
+    assert bad.size == 0, (z[bad[:5]], got[bad[:5]], want[bad[:5]])
 
 
 VARIANTS = [{"route_block": rb, "out_block": ob} for rb in (256, 768) for ob in (256, 768)]

@@ -93,15 +93,17 @@ __device__ __forceinline__ void store_vec<double, 1>(double* __restrict__ p, con
 
 // ---------------------------------------------------------------- math
 
+// Exact GELU as 0.5 z erfc(-z / sqrt 2): 1 + erf(x) loses the negative side to cancellation. float32 is
+// evaluated in double and rounded once, as the CPU kernels do (src/fff_kernels.h).
 __device__ __forceinline__ float activation(float z, int act) {
-    if (act == PYFFF_ACT_GELU) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    if (act == PYFFF_ACT_GELU) return (float)(0.5 * (double)z * erfc((double)z * -0.70710678118654752));
     if (act == PYFFF_ACT_GELU_TANH)
         return 0.5f * z * (1.0f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
     return z < 0.0f ? 0.0f : z;  // relu; NaN stays NaN, as np.maximum(z, 0) does
 }
 
 __device__ __forceinline__ double activation(double z, int act) {
-    if (act == PYFFF_ACT_GELU) return 0.5 * z * (1.0 + erf(z * 0.70710678118654752));
+    if (act == PYFFF_ACT_GELU) return 0.5 * z * erfc(z * -0.70710678118654752);
     if (act == PYFFF_ACT_GELU_TANH)
         return 0.5 * z * (1.0 + tanh(0.79788456080286536 * (z + 0.044715 * z * z * z)));
     return z < 0.0 ? 0.0 : z;
