@@ -44,18 +44,15 @@ DEPTH = 11
 DENSE_NEURONS = 2 ** (DEPTH + 1) - 1
 BATCHES = (1, 2048, 16384)
 
-# name -> keyword arguments of pyfff.gpu.FFF._run (splits, sort_output, variant); None: the public call
-# layer(x) with the layer's defaults (batch order, 256-thread blocks).
-_B768 = {"route_block": 768, "out_block": 768}
+# name -> keyword arguments of pyfff.gpu.FFF._run (splits, sort_output, smem, variant); None: the public call
+# layer(x) with the layer's defaults (the staged schedule from batch 1024 on, batch order below).
 FFF_SCHEDULES = {
     "pyfff_gpu": None,
-    "direct": {"splits": (), "sort_output": False},
-    "direct,768-blocks": {"splits": (), "sort_output": False, "variant": _B768},
-    "leafsort": {"splits": (), "sort_output": True},
-    "split6": {"splits": (6,), "sort_output": True},
-    "split6,768-blocks": {"splits": (6,), "sort_output": True, "variant": _B768},
-    "split4": {"splits": (4,), "sort_output": True},
-    "split6,unsorted-output": {"splits": (6,), "sort_output": False},
+    "staged": {"splits": "staged", "sort_output": False, "smem": True},
+    "staged,1-token-warps": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tpw": 1}},
+    "staged,4-token-warps": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tpw": 4}},
+    "direct": {"splits": (), "sort_output": False, "smem": False},
+    "split6": {"splits": (6,), "sort_output": True, "smem": False},
 }
 FFF_SCHEDULES = {k if v is None else f"pyfff_gpu[{k}]": v for k, v in FFF_SCHEDULES.items()}
 

@@ -32,15 +32,21 @@ TOL = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-10}
 ACTIVATIONS = ["gelu", "gelu_tanh", "relu"]
 DTYPES = [np.float32, np.float64]
 
-# (splits, sort_output) schedules of the pipeline; None: the layer's default for the batch
+# (splits, sort_output, smem) schedules of the pipeline; None: the layer's default for the batch.
+# "mid": one split at half the depth; "staged": the splits of the staged schedule (stages fit shared memory).
 SCHEDULES = {
     "default": None,
-    "direct": ((), False),
-    "leafsort": ((), True),
-    "split_mid": ("mid", True),
-    "split_mid_unsorted_out": ("mid", False),
-    "split_1": ((1,), True),
+    "direct": ((), False, False),
+    "leafsort": ((), True, False),
+    "split_mid": ("mid", True, False),
+    "split_mid_unsorted_out": ("mid", False, False),
+    "split_1": ((1,), True, False),
+    "staged": ("staged", False, True),
+    "staged_mid": ("mid", False, True),
+    "staged_unsplit": ((), False, True),
+    "staged_leafsort": ("mid", True, True),
 }
+STAGED = ["staged", "staged_mid", "staged_unsplit", "staged_leafsort"]
 
 
 # ---------------------------------------------------------------------------------------------- comparator
@@ -192,10 +198,10 @@ def schedule_args(layer, name):
     sched = SCHEDULES[name]
     if sched is None:
         return {}
-    splits, sort_output = sched
+    splits, sort_output, smem = sched
     if splits == "mid":
         splits = (min(max(layer.depth // 2, 1), 12),) if layer.depth >= 1 else ()
-    return {"splits": splits, "sort_output": sort_output}
+    return {"splits": splits, "sort_output": sort_output, "smem": smem}
 
 
 def run_gpu(gpu, x, schedule="default"):
@@ -221,6 +227,55 @@ def test_awkward_sizes(batch, width):
     y = gpu(x)
     assert isinstance(y, np.ndarray) and y.shape == (batch, width) and y.dtype == np.float32
     check_layer(cpu, x, y, gpu.routes(x))
+    for schedule in STAGED:
+        check_layer(cpu, x, *run_gpu(gpu, x, schedule))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("batch", [1, 97, 3000])
+def test_staged_ultrafastbert_width(batch, dtype):
+    """Width 768, depth 11: two staged route stages of 63 rows (float32: 194 KB of shared memory; float64
+    does not fit six levels and takes three stages) and the output in column slices."""
+    cpu, gpu = make_layer(768, 768, depth=11, dtype=dtype, seed=7)
+    assert gpu._staged_splits() == ((6,) if dtype == np.float32 else (4, 8))
+    x = make_x(batch, 768, dtype, seed=batch)
+    for schedule in ("staged", "staged_mid", "staged_leafsort", "staged_unsplit"):
+        check_layer(cpu, x, *run_gpu(gpu, x, schedule))
+
+
+@requires_gpu
+@pytest.mark.parametrize("bias", [30.0, -30.0])
+def test_staged_skewed_routes(bias):
+    """Every token takes the same side at most nodes (large biases): one bucket holds nearly the whole
+    batch, spread over many blocks, and the other buckets are empty; and a stage whose subtree does not fit
+    shared memory (rows of 4000 floats, six levels) falls back to the unstaged route kernel."""
+    import cupy as cp
+
+    rng = np.random.default_rng(5)
+    d, depth = 64, 9
+    n_nodes = 2 ** (depth + 1) - 1
+    w_in = rng.standard_normal((n_nodes, d)).astype(np.float32)
+    b_in = np.full(n_nodes, bias, np.float32)
+    b_in[rng.random(n_nodes) < 0.1] *= -1
+    cpu = pyfff.FFF(w_in, b_in, rng.standard_normal((n_nodes, 48)).astype(np.float32))
+    gpu = pyfff.gpu.FFF.from_cpu(cpu)
+    x = make_x(5000, d)
+    y_ref, r_ref = run_gpu(gpu, x, "direct")
+    check_layer(cpu, x, y_ref, r_ref)
+    for schedule in STAGED:
+        y, r = run_gpu(gpu, x, schedule)
+        np.testing.assert_array_equal(r, r_ref)
+        np.testing.assert_array_equal(y, y_ref)
+
+    cpu2, gpu2 = make_layer(4000, 40, depth=6, seed=2)
+    x2 = make_x(700, 4000)
+    y_ref, r_ref = run_gpu(gpu2, x2, "direct")
+    check_layer(cpu2, x2, y_ref, r_ref)
+    for splits in [(1,), (3,), (2, 4), ()]:
+        y, (nodes, _) = gpu2._run(cp.asarray(x2), want_output=True, splits=splits, smem=True)
+        np.testing.assert_array_equal(cp.asnumpy(nodes).astype(np.int64), r_ref)
+        np.testing.assert_array_equal(cp.asnumpy(y), y_ref)
 
 
 @requires_gpu
@@ -229,7 +284,7 @@ def test_awkward_sizes(batch, width):
 def test_different_widths(dtype, d_in, d_out):
     cpu, gpu = make_layer(d_in, d_out, depth=4, n_trees=2, dtype=dtype)
     x = make_x(300, d_in, dtype)
-    for schedule in ("direct", "split_mid"):
+    for schedule in ("direct", "split_mid", "staged", "staged_mid"):
         check_layer(cpu, x, *run_gpu(gpu, x, schedule))
 
 
@@ -243,7 +298,7 @@ def test_depths(depth):
 
 
 @requires_gpu
-@pytest.mark.parametrize("schedule", ["direct", "leafsort", "split_mid", "split_1"])
+@pytest.mark.parametrize("schedule", ["direct", "leafsort", "split_mid", "split_1", "staged", "staged_mid"])
 @pytest.mark.parametrize("n_trees", [1, 2, 3, 4])
 def test_trees(n_trees, schedule):
     cpu, gpu = make_layer(33, 40, depth=6, n_trees=n_trees, seed=n_trees)
@@ -252,7 +307,7 @@ def test_trees(n_trees, schedule):
 
 
 @requires_gpu
-@pytest.mark.parametrize("schedule", ["direct", "default", "split_mid_unsorted_out"])
+@pytest.mark.parametrize("schedule", ["direct", "default", "split_mid_unsorted_out", "staged_mid", "staged_unsplit"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_dtypes_and_activations(dtype, activation, schedule):
@@ -265,15 +320,17 @@ def test_dtypes_and_activations(dtype, activation, schedule):
 
 @requires_gpu
 @pytest.mark.parametrize("splits,sort_output", [((), False), ((), True), ((1,), True), ((2, 5, 8), True),
-                                                ((12,), True), ((3, 12), False)])
+                                                ((12,), True), ((3, 12), False), ((4, 10), False)])
+@pytest.mark.parametrize("smem", [False, True], ids=["unstaged", "staged"])
+@pytest.mark.parametrize("n_trees", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_schedules_deep_tree(splits, sort_output, dtype):
+def test_schedules_deep_tree(splits, sort_output, smem, n_trees, dtype):
     """depth 13: keys stop at level 12 (4096 buckets); several re-sorts; all schedules agree with the reference."""
     import cupy as cp
 
-    cpu, gpu = make_layer(8, 16, depth=13, n_trees=2, dtype=dtype, seed=13)
+    cpu, gpu = make_layer(8, 16, depth=13, n_trees=n_trees, dtype=dtype, seed=13)
     x = make_x(3000, 8, dtype)
-    y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, sort_output=sort_output)
+    y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, sort_output=sort_output, smem=smem)
     check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
 
 
@@ -301,23 +358,27 @@ def test_gelu_is_accurate_to_an_ulp(dtype):
     assert bad.size == 0, (z[bad[:5]], got[bad[:5]], want[bad[:5]])
 
 
-VARIANTS = [{"route_block": rb, "out_block": ob} for rb in (256, 768) for ob in (256, 768)]
+VARIANTS = ([{"route_block": rb, "out_block": ob} for rb in (256, 768) for ob in (256, 768)]
+            + [{"out_tpw": tpw} for tpw in (1, 2, 4)])
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "route{route_block}-out{out_block}".format(**v))
-@pytest.mark.parametrize("splits,sort_output", [((), False), ((), True), ((3,), True)])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}{v[k]}" for k in v))
+@pytest.mark.parametrize("splits,sort_output,smem", [((), False, False), ((), True, False), ((3,), True, False),
+                                                     ((3,), False, True), ((), False, True)])
 @pytest.mark.parametrize("dtype,d_in,d_out", [(np.float32, 768, 768), (np.float32, 17, 9), (np.float64, 40, 30),
-                                              (np.float64, 1100, 7)])
-def test_kernel_variants(variant, splits, sort_output, dtype, d_in, d_out):
-    """Both block sizes of both kernels, on batches that leave blocks partly empty."""
+                                              (np.float64, 1100, 7), (np.float32, 36, 900)])
+@pytest.mark.parametrize("n_trees", [1, 2])
+def test_kernel_variants(variant, splits, sort_output, smem, dtype, d_in, d_out, n_trees):
+    """Both block sizes of both unstaged kernels and the tokens per warp of the staged output, on batches
+    that leave blocks, warps and column slices partly empty."""
     import cupy as cp
 
-    cpu, gpu = make_layer(d_in, d_out, depth=6, n_trees=2, dtype=dtype, seed=d_in)
+    cpu, gpu = make_layer(d_in, d_out, depth=6, n_trees=n_trees, dtype=dtype, seed=d_in)
     for batch in (1, 5, 1001):
         x = make_x(batch, d_in, dtype, seed=batch)
         y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, sort_output=sort_output,
-                                 variant=variant)
+                                 smem=smem, variant=variant)
         check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
 
 
@@ -339,7 +400,7 @@ def test_bad_schedule():
     for splits in [(0,), (6,), (3, 2), (2, 2)]:
         with pytest.raises(ValueError, match="splits"):
             gpu._run(x, want_output=True, splits=splits, sort_output=True)
-    for variant in ({"route_block": 512}, {"out_block": 1024}, {"threads": 1}):
+    for variant in ({"route_block": 512}, {"out_block": 1024}, {"threads": 1}, {"out_tpw": 3}):
         with pytest.raises(ValueError, match="variant"):
             gpu._run(x, want_output=True, variant=variant)
 
@@ -408,7 +469,7 @@ def test_noncontiguous_and_misaligned_inputs():
 
 
 @requires_gpu
-@pytest.mark.parametrize("schedule", ["direct", "split_mid"])
+@pytest.mark.parametrize("schedule", ["direct", "split_mid", "staged", "staged_mid", "staged_leafsort"])
 def test_results_do_not_depend_on_schedule_or_run(schedule):
     """Bitwise equal across runs (the bucket order inside a sort varies with timing) and schedules."""
     cpu, gpu = make_layer(128, 128, depth=8, n_trees=2)

@@ -1,8 +1,9 @@
 """Run pyfff.gpu's Python side and tests/test_gpu.py without a GPU: a NumPy stand-in for CuPy.
 
 A development aid, not a test of the kernels: it replaces ``cupy`` with a tiny
-module whose arrays are NumPy arrays and whose three kernels
-(``fff_route``, ``fff_bucket_scatter``, ``fff_output``) are NumPy
+module whose arrays are NumPy arrays and whose kernels
+(``fff_route``, ``fff_route_staged``, ``fff_bucket_scatter``, ``fff_output``,
+``fff_output_staged``) are NumPy
 re-implementations that unpack the prepared (ctypes) arguments of each launch
 in the order of the ``kernels/fff.cu`` signatures. That checks the orchestration in
 ``pyfff/gpu/_fff.py`` (schedules, key levels, argument lists, dtype and shape
@@ -58,7 +59,9 @@ def _arr(a):
 
 def _route(grid, block, args):
     (x, n, d_in, w_in, b_in, has_bias, n_trees, depth, tree, lo, hi, order, use_order, nodes, logits,
-     key_level, keys, counts) = args
+     key_level, keys, counts) = args[:18]
+    if len(args) == 19 and lo > 0:  # fff_route_staged: the order must be sorted by the start node's key
+        _check_sorted(args[18], order, int(n), lo, lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
     x, w_in, b_in, order, nodes, logits, keys, counts = map(_arr, (x, w_in, b_in, order, nodes, logits, keys, counts))
     n_nodes = 2 ** (depth + 1) - 1
     n, size = int(n), int(n) * n_trees * (depth + 1)
@@ -92,12 +95,29 @@ def _route(grid, block, args):
             counts[key] += 1
 
 
+def _start_key(nodes, logits, tok, n_trees, tree, depth, lo):
+    base = (tok * n_trees + tree) * (depth + 1)
+    node = 2 * int(nodes[base + lo - 1]) + 1 + int(logits[base + lo - 1] > 0)
+    return node - (2**lo - 1)
+
+
+def _check_sorted(starts, order, n, level, key_of):
+    """What the staged kernels rely on: bucket b of the sort by the node of ``level`` is
+    order[starts[b]:starts[b + 1]] and holds the tokens whose key is b."""
+    starts = np.asarray(starts)[: 2**level + 1]
+    assert starts[0] == 0 and starts[-1] == n and (np.diff(starts) >= 0).all()
+    for b in range(2**level):
+        for p in range(starts[b], starts[b + 1]):
+            assert key_of(int(order[p])) == b
+
+
 def _scatter(grid, block, args):
-    keys, n, counts, n_buckets, cursors, perm = args
-    keys, counts, perm = map(_arr, (keys, counts, perm))
+    keys, n, counts, n_buckets, cursors, perm, starts = args
+    keys, counts, perm, starts = map(_arr, (keys, counts, perm, starts))
     assert counts[:n_buckets].sum() == n
     perm[:] = np.argsort(keys[: int(n)], kind="stable")  # any order inside a bucket is valid
     assert (np.diff(keys[perm]) >= 0).all()
+    starts[: n_buckets + 1] = np.concatenate([[0], np.cumsum(counts[:n_buckets])])
 
 
 def _output(grid, block, args):
@@ -121,12 +141,24 @@ def _output(grid, block, args):
         y[tok] = acc
 
 
+def _output_staged(grid, block, args):
+    nodes, logits, n, d_out, w_out, depth, act, order, use_order, starts, key_level, slice_vecs, y = args
+    assert 1 <= slice_vecs and depth + 1 <= 32
+    if use_order:
+        _check_sorted(starts, order, int(n), key_level,
+                      lambda tok: int(nodes[tok * (depth + 1) + key_level]) - (2**key_level - 1))
+    else:
+        assert key_level == 0
+    _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, use_order, y))
+
+
 class _Kernel:
     def __init__(self, name):
         self.name = name
         self.kernel = types.SimpleNamespace(ptr=id(self))
         base = name.split("<")[0]
-        self._fn = {"fff_route": _route, "fff_bucket_scatter": _scatter, "fff_output": _output}[base]
+        self._fn = {"fff_route": _route, "fff_route_staged": _route, "fff_bucket_scatter": _scatter,
+                    "fff_output": _output, "fff_output_staged": _output_staged}[base]
 
 
 def _decode(carg):
@@ -145,7 +177,8 @@ def _decode(carg):
 
 
 def emulated_launch(launch, stream_ptr):
-    assert launch.grid >= 1 and launch.block in (256, 768)
+    assert launch.grid >= 1 and launch.grid_y >= 1 and launch.block in (256, 512, 768)
+    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name) == (launch.smem > 0)
     launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 
@@ -188,7 +221,7 @@ def fake_cupy():
         def synchronize(self):
             pass
 
-    attrs = {16: 132, 39: 2048, 82: 65536}
+    attrs = {16: 132, 39: 2048, 81: 233472, 82: 65536, 97: 232448}  # an H100's
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceGetAttribute=lambda a, d: attrs[a])
     driver = types.SimpleNamespace(funcSetAttribute=lambda f, attr, value: None,
                                    funcGetAttribute=lambda attr, f: 80)

@@ -5,8 +5,8 @@ dram__bytes_write.sum,lts__t_sector_hit_rate.pct,l1tex__t_sector_hit_rate.pct py
 
 Width 768, depth 11, float32, batch 16384 (override with the first argument). Each schedule runs
 twice (the first run also compiles; filter with ncu's --launch-skip if needed); ncu's per-kernel rows show
-where the time of a pass goes: the two fff_route stages, the two fff_bucket_scatter sorts and
-fff_output, next to the warp-per-token baseline of bench/dev/gpu_warp_baseline.cu.
+where the time of a pass goes: the two fff_route_staged stages, the fff_bucket_scatter sort and
+fff_output_staged (and the unstaged fff_route and fff_output), next to the warp-per-token baseline of bench/dev/gpu_warp_baseline.cu.
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ import pyfff
 import pyfff.gpu
 
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
-    "direct": {"splits": (), "sort_output": False},
-    "split6": {"splits": (6,), "sort_output": True},
-    "leafsort": {"splits": (), "sort_output": True},
+    "staged": {"splits": "staged", "sort_output": False, "smem": True},
+    "direct": {"splits": (), "sort_output": False, "smem": False},
 }
 
 

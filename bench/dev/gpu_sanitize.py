@@ -1,7 +1,7 @@
 """Drive every pyfff.gpu kernel variant on awkward sizes, for compute-sanitizer.
 
 Run: compute-sanitizer --tool memcheck --error-exitcode 3 python bench/dev/gpu_sanitize.py
-(and --tool racecheck for the shared-memory scan of fff_bucket_scatter). Batches that are not
+(and --tool racecheck for the shared memory of fff_bucket_scatter and the staged kernels). Batches that are not
 multiples of a block or of the scatter tile, widths that force the scalar-load path, depth 0,
 depth 13 (4096 buckets), several trees, both dtypes, every schedule and both block sizes: any out-of-bounds
 access or race shows up as a sanitizer error. Results are checked for finiteness only; the
@@ -24,9 +24,13 @@ CASES = [
     (3001, 8, 16, 13, 1, np.float32),
     (1025, 64, 48, 7, 2, np.float64),
     (257, 20, 36, 12, 3, np.float32),  # 39 terms per token: fff_output's second batch of terms
+    (4000, 768, 768, 11, 1, np.float32),  # the benchmark shape: staged subtrees of 63 rows, two column slices
 ]
-SCHEDULES = [((), False), ((), True), ("mid", True), ("mid", False)]
-VARIANTS = [{"route_block": 256, "out_block": 768}, {"route_block": 768, "out_block": 256}]  # threads per block
+# (splits, sort_output, smem): "mid" = one split at half the depth, "staged" = the staged schedule's splits
+SCHEDULES = [((), False, False), ((), True, False), ("mid", True, False), ("mid", False, False),
+             ("staged", False, True), ("mid", False, True), ((), False, True), ("mid", True, True)]
+VARIANTS = [{"route_block": 256, "out_block": 768, "out_tpw": 1},  # threads per block, tokens per warp
+            {"route_block": 768, "out_block": 256, "out_tpw": 4}]
 
 
 def main():
@@ -35,10 +39,11 @@ def main():
         cpu = pyfff.FFF.random(d_in, d_out, depth, n_trees=n_trees, dtype=dtype, seed=batch)
         gpu = pyfff.gpu.FFF.from_cpu(cpu)
         x = cp.asarray(np.random.default_rng(batch).standard_normal((batch, d_in)).astype(dtype))
-        for (splits, sort_output), variant in ((s, v) for s in SCHEDULES for v in VARIANTS):
+        for (splits, sort_output, smem), variant in ((s, v) for s in SCHEDULES for v in VARIANTS):
             if splits == "mid":
                 splits = (min(max(depth // 2, 1), 12),) if depth >= 1 else ()
-            y, (nodes, _) = gpu._run(x, want_output=True, splits=splits, sort_output=sort_output, variant=variant)
+            y, (nodes, _) = gpu._run(x, want_output=True, splits=splits, sort_output=sort_output, smem=smem,
+                                     variant=variant)
             assert bool(cp.isfinite(y).all()), (batch, d_in, d_out, depth, splits)
             assert int(nodes.min()) >= 0 and int(nodes.max()) < gpu.n_nodes
             n_runs += 1

@@ -46,13 +46,23 @@ _INT32_MAX = 2**31 - 1
 # and are tested.
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
-# Kernel variants: threads per block of fff_route and fff_output (256: three blocks per SM, or 768: one).
-_VARIANT = {"route_block": 256, "out_block": 256}
-_BLOCKS = (256, 768)
+# From this batch size on, the default is the staged schedule (weight rows staged in shared memory).
+_SMEM_MIN_TOKENS = 1024
+# Kernel variants: threads per block of fff_route and fff_output (256: three blocks per SM, or 768: one), and
+# tokens per warp of fff_output_staged.
+_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2}
+_VARIANT_CHOICES = {"route_block": (256, 768), "out_block": (256, 768), "out_tpw": (1, 2, 4)}
+_STAGED_ROUTE_BLOCK = 768  # fff_route_staged: one block per SM (its subtree fills most of the shared memory)
+_STAGED_OUT_BLOCK = 512  # PYFFF_STAGED_OUT_BLOCK
+_STAGED_OUT_SJ = 3  # vectors per lane and token in fff_output_staged: column slices of 96 vectors
 _MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
 
 _ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
+_ATTR_SMEM_PER_SM = 81  # cudaDevAttrMaxSharedMemoryPerMultiprocessor
+_ATTR_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+_SMEM_RESERVED = 1024  # shared memory the system reserves per block (sm_80 and later)
 _FUNC_ATTR_NUM_REGS = 4  # CU_FUNC_ATTRIBUTE_NUM_REGS
+_FUNC_ATTR_MAX_DYN_SMEM = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _FUNC_ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 
 
@@ -72,15 +82,29 @@ def _host(a):
     return cp.asnumpy(a) if isinstance(a, cp.ndarray) else a
 
 
-def _kernel(name):
+def _kernel(name, device_id):
     """A compiled kernel of kernels/fff.cu on the current device (memoized by the loader)."""
     from . import _loader  # imports CuPy
 
+    cp = _cupy()
     kernel = _loader.get_kernel(_KERNEL_FILE, name)
-    if name.startswith(("fff_route", "fff_output")):
+    if "_staged" in name:  # may use all the shared memory a block can opt in to
+        cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_MAX_DYN_SMEM, _smem_optin(device_id))
+    elif name.startswith(("fff_route", "fff_output")):
         # no shared memory: ask for the largest L1 (carveout 0 %), where weight rows are cached
-        _cupy().cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_CARVEOUT, 0)
+        cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_CARVEOUT, 0)
     return kernel
+
+
+def _smem_optin(device_id):
+    """Bytes of dynamic shared memory one block may use on the device."""
+    return int(_cupy().cuda.runtime.deviceGetAttribute(_ATTR_SMEM_OPTIN, device_id))
+
+
+def _subtree_bytes(levels, row_elems, itemsize):
+    """Shared memory of a staged route stage: a subtree of ``levels`` levels, rows of ``row_elems`` weights
+    and one bias each."""
+    return -(-((2**levels - 1) * (row_elems + 1) * itemsize) // 16) * 16
 
 
 class _Launch:
@@ -91,36 +115,56 @@ class _Launch:
     time instead of CuPy's per-argument conversion.
     """
 
-    __slots__ = ("kernel", "fptr", "grid", "block", "cargs", "params")
+    __slots__ = ("kernel", "fptr", "grid", "grid_y", "block", "smem", "cargs", "params")
 
-    def __init__(self, kernel, grid, block, cargs):
+    def __init__(self, kernel, grid, block, cargs, *, grid_y=1, smem=0):
         self.kernel = kernel
         self.fptr = kernel.kernel.ptr
         self.grid = int(grid)
+        self.grid_y = int(grid_y)
         self.block = int(block)
+        self.smem = int(smem)
         self.cargs = cargs
         self.params = (ctypes.c_void_p * len(cargs))(*[ctypes.addressof(a) for a in cargs])
 
 
 def _launch(launch, stream_ptr):
     """Enqueue ``launch`` on the stream; CUDA errors raise ``CUDADriverError``."""
-    _cupy().cuda.driver.launchKernel(launch.fptr, launch.grid, 1, 1, launch.block, 1, 1, 0, stream_ptr,
-                                     ctypes.addressof(launch.params), 0)
+    _cupy().cuda.driver.launchKernel(launch.fptr, launch.grid, launch.grid_y, 1, launch.block, 1, 1, launch.smem,
+                                     stream_ptr, ctypes.addressof(launch.params), 0)
 
 
 def _ptr(arr):
     return ctypes.c_void_p(arr.data.ptr)
 
 
-def _grid(kernel, block, n_items, device_id):
+def _grid(kernel, block, n_items, device_id, smem=0):
     """Blocks for ``n_items`` warps' worth of work: at most what fits on the device at once (one contiguous
     chunk of positions per block), at least one."""
     cp = _cupy()
     regs = cp.cuda.driver.funcGetAttribute(_FUNC_ATTR_NUM_REGS, kernel.kernel.ptr)
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     per_sm = max(1, min(2048 // block, 65536 // (regs_per_warp * (block // 32))))
+    if smem:
+        smem_sm = cp.cuda.runtime.deviceGetAttribute(_ATTR_SMEM_PER_SM, device_id)
+        per_sm = max(1, min(per_sm, smem_sm // (smem + _SMEM_RESERVED)))
     n_sm = cp.cuda.runtime.deviceGetAttribute(_ATTR_SM_COUNT, device_id)
     return max(1, min(-(-n_items // (block // 32)), per_sm * n_sm))
+
+
+def _output_slices(rows, nvec, vec_bytes, device_id):
+    """(vectors per column slice, number of slices) for fff_output_staged with ``rows`` staged rows of
+    ``nvec`` vectors, or None when not even a 32-vector slice (or the whole row) fits. Slices are as wide as the kernel takes
+    (32 * SJ vectors) and fit two blocks per SM when they can."""
+    cp = _cupy()
+    optin = _smem_optin(device_id)
+    two_per_sm = cp.cuda.runtime.deviceGetAttribute(_ATTR_SMEM_PER_SM, device_id) // 2 - _SMEM_RESERVED
+    for budget in (min(two_per_sm, optin), optin):
+        width = min(32 * _STAGED_OUT_SJ, nvec, budget // (rows * vec_bytes))
+        if width >= min(32, nvec):  # narrower slices would leave lanes idle: fff_output does better
+            n_slices = -(-nvec // width)
+            return -(-nvec // n_slices), n_slices
+    return None
 
 
 class _Plan:
@@ -131,31 +175,35 @@ class _Plan:
     histograms and enqueues the launches. Not safe for concurrent calls from several host threads.
     """
 
-    def __init__(self, layer, n, vec_in, want_output, splits, sort_output, variant):
+    def __init__(self, layer, n, vec_in, want_output, splits, sort_output, smem, variant):
         cp = _cupy()
         levels = layer.depth + 1
+        itemsize = layer.dtype.itemsize
         self.nodes = cp.empty((n, layer.n_trees, levels), dtype=cp.int32)
         self.logits = cp.empty((n, layer.n_trees, levels), dtype=layer.dtype)
         n_sorts = len(splits) * layer.n_trees + (1 if sort_output else 0)
-        self.work = cp.zeros((n_sorts, 2, 1 << _MAX_KEY_LEVEL), dtype=cp.int32) if n_sorts else None
+        # per sort: histogram, cursors, bucket starts
+        self.work = cp.zeros((n_sorts, 3, (1 << _MAX_KEY_LEVEL) + 1), dtype=cp.int32) if n_sorts else None
         keys = cp.empty(n, dtype=cp.int32) if n_sorts else layer._dummy
         self.x_arg = ctypes.c_void_p(0)
         self.y_arg = ctypes.c_void_p(0)
         self._keep = [keys]  # buffers referenced only by launch arguments
+        dev = layer.device_id
         r_block = variant["route_block"]
-        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}>")
-        route_grid = _grid(route, r_block, n, layer.device_id)
-        scatter = _kernel("fff_bucket_scatter")
+        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}>", dev)
+        route_grid = _grid(route, r_block, n, dev)
+        staged_route = _kernel(f"fff_route_staged<{layer._ctype}, {vec_in}>", dev) if smem else None
+        scatter = _kernel("fff_bucket_scatter", dev)
         dummy = layer._dummy
         has_bias = layer.b_in is not None
         b_in = layer.b_in if has_bias else layer.w_in  # never read without a bias
         i32, i64 = ctypes.c_int32, ctypes.c_int64
         self.launches = []
-        out_order = None
+        out_order, out_starts, out_key_level = None, None, 0
         i_sort = 0
         bounds = (0, *splits, levels)
         for tree in range(layer.n_trees):
-            order = None
+            order, starts = None, None
             for stage in range(len(bounds) - 1):
                 lo, hi = bounds[stage], bounds[stage + 1]
                 last = stage == len(bounds) - 2
@@ -166,31 +214,64 @@ class _Plan:
                 else:
                     key_level = -1
                 counts = self.work[i_sort, 0] if key_level >= 0 else dummy
-                self.launches.append(_Launch(route, route_grid, r_block, [
-                    self.x_arg, i64(n), i32(layer.d_in), _ptr(layer.w_in), _ptr(b_in), i32(has_bias),
-                    i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi),
-                    _ptr(dummy if order is None else order), i32(order is not None),
-                    _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts)]))
+                args = [self.x_arg, i64(n), i32(layer.d_in), _ptr(layer.w_in), _ptr(b_in), i32(has_bias),
+                        i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi),
+                        _ptr(dummy if order is None else order), i32(order is not None),
+                        _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts)]
+                stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
+                if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or order is not None):
+                    args.append(_ptr(dummy if starts is None else starts))
+                    self.launches.append(_Launch(
+                        staged_route, _grid(staged_route, _STAGED_ROUTE_BLOCK, n, dev, stage_bytes),
+                        _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
+                else:
+                    self.launches.append(_Launch(route, route_grid, r_block, args))
                 if key_level >= 0:
                     perm = cp.empty(n, dtype=cp.int32)
                     self._keep.append(perm)
+                    starts = self.work[i_sort, 2]
                     self.launches.append(_Launch(scatter, -(-n // _SCATTER_TOKENS), _SCATTER_THREADS, [
                         _ptr(keys), i64(n), _ptr(counts), i32(1 << key_level), _ptr(self.work[i_sort, 1]),
-                        _ptr(perm)]))
+                        _ptr(perm), _ptr(starts)]))
                     i_sort += 1
                     if last:
-                        out_order = perm
+                        out_order, out_starts, out_key_level = perm, starts, key_level
                     else:
                         order = perm
+            if smem and not sort_output and order is not None:  # the output follows the last route sort
+                out_order, out_starts, out_key_level = order, starts, bounds[-2]
         if want_output:
-            vec_out = 16 // layer.dtype.itemsize if layer.d_out % (16 // layer.dtype.itemsize) == 0 else 1
-            g_block = variant["out_block"]
-            output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>")
-            out_grid = _grid(output, g_block, n, layer.device_id)
-            self.launches.append(_Launch(output, out_grid, g_block, [
-                _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
-                i32(layer.n_trees), i32(layer.depth), i32(layer._act),
-                _ptr(dummy if out_order is None else out_order), i32(out_order is not None), self.y_arg]))
+            self.launches.append(self._output_launch(layer, n, smem, variant, out_order, out_starts,
+                                                     out_key_level))
+
+    def _output_launch(self, layer, n, smem, variant, order, starts, key_level):
+        """The launch that forms y: fff_output_staged where it applies (one tree, its rows fit), else fff_output."""
+        i32, i64 = ctypes.c_int32, ctypes.c_int64
+        dev = layer.device_id
+        dummy = layer._dummy
+        vec_out = 16 // layer.dtype.itemsize if layer.d_out % (16 // layer.dtype.itemsize) == 0 else 1
+        nvec = layer.d_out // vec_out
+        levels = layer.depth + 1
+        if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
+            rows = key_level + 2 ** (levels - key_level) - 1
+            slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, dev)
+            if slices is not None:
+                width, n_slices = slices
+                nbytes = rows * width * vec_out * layer.dtype.itemsize
+                kernel = _kernel(f"fff_output_staged<{layer._ctype}, {vec_out}, {_STAGED_OUT_SJ}, "
+                                 f"{variant['out_tpw']}>", dev)
+                grid = _grid(kernel, _STAGED_OUT_BLOCK, -(-n // variant["out_tpw"]), dev, nbytes)
+                return _Launch(kernel, -(-grid // n_slices), _STAGED_OUT_BLOCK, [
+                    _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
+                    i32(layer.depth), i32(layer._act), _ptr(dummy if order is None else order),
+                    i32(order is not None), _ptr(dummy if starts is None else starts), i32(key_level),
+                    i32(width), self.y_arg], grid_y=n_slices, smem=nbytes)
+        g_block = variant["out_block"]
+        output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>", dev)
+        return _Launch(output, _grid(output, g_block, n, dev), g_block, [
+            _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
+            i32(layer.n_trees), i32(layer.depth), i32(layer._act),
+            _ptr(dummy if order is None else order), i32(order is not None), self.y_arg])
 
     def run(self, x2, y, stream_ptr):
         self.x_arg.value = x2.data.ptr
@@ -203,13 +284,13 @@ class _Plan:
 
 
 def _check_variant(variant):
-    """``_VARIANT`` updated with ``variant``; ValueError for unknown keys or block sizes."""
+    """``_VARIANT`` updated with ``variant``; ValueError for unknown keys or values."""
     merged = dict(_VARIANT)
     merged.update(variant or {})
     if set(merged) != set(_VARIANT):
         raise ValueError(f"unknown variant keys {sorted(set(merged) - set(_VARIANT))}")
-    if any(merged[k] not in _BLOCKS for k in merged):
-        raise ValueError(f"no compiled kernels for variant {merged}: blocks of {_BLOCKS} threads")
+    if any(merged[k] not in _VARIANT_CHOICES[k] for k in merged):
+        raise ValueError(f"no compiled kernels for variant {merged}: choices are {_VARIANT_CHOICES}")
     return merged
 
 
@@ -341,29 +422,53 @@ class FFF:
 
     # --------------------------------------------------------------- pipeline
     def _schedule(self, n):
-        """(splits, sort_output) used for a batch of n tokens by default (the same for every n, for now)."""
-        return _DEFAULT_SPLITS, _DEFAULT_SORT_OUTPUT
+        """(splits, sort_output, smem) used for a batch of n tokens by default.
 
-    def _check_schedule(self, splits, sort_output):
+        Large batches stage weight rows in shared memory (``smem``): the route is split into stages whose
+        subtrees fit (re-sorting the tokens by node between stages) and the output follows the last sort.
+        Small batches walk in batch order from L1/L2: staging a subtree costs more than its few tokens save.
+        """
+        if n < _SMEM_MIN_TOKENS:
+            return _DEFAULT_SPLITS, _DEFAULT_SORT_OUTPUT, False
+        return self._staged_splits(), False, True
+
+    def _staged_splits(self):
+        """Route stage boundaries for the staged schedule: as few stages as fit in shared memory, of about
+        equal depth (each boundary costs a sort and a second read of x)."""
+        levels = self.depth + 1
+        optin = _smem_optin(self.device_id)
+        fit = max(k for k in range(levels + 1) if k == 0 or _subtree_bytes(k, self.d_in, self.dtype.itemsize) <= optin)
+        if fit == 0:
+            return ()
+        n_stages = -(-levels // fit)
+        bounds = [round(i * levels / n_stages) for i in range(1, n_stages)]
+        return tuple(b for b in bounds if 1 <= b <= min(self.depth, _MAX_KEY_LEVEL))
+
+    def _check_schedule(self, splits, sort_output, smem):
         splits = tuple(int(s) for s in splits)
         top = min(self.depth, _MAX_KEY_LEVEL)
         if any(not 1 <= s <= top for s in splits) or list(splits) != sorted(set(splits)):
             raise ValueError(f"splits must be increasing levels in 1..{top}, got {splits}")
-        return splits, bool(sort_output)
+        return splits, bool(sort_output), bool(smem)
 
-    def _run(self, x2, *, want_output, splits=None, sort_output=None, variant=None):
+    def _run(self, x2, *, want_output, splits=None, sort_output=None, smem=None, variant=None):
         """Run the pipeline on a (n, d_in) CuPy array; returns (y or None, (nodes, logits)).
 
-        ``splits`` (levels at which the tokens are re-sorted by their node there), ``sort_output`` (whether
-        ``y`` is formed in leaf order) and ``variant`` (kernel variants, keys of ``_VARIANT``) default to
-        :meth:`_schedule` and ``_VARIANT``; every choice gives the same results. ``nodes`` and ``logits``
-        are workspaces of the launch plan, overwritten by the next call with the same plan.
+        ``splits`` (levels at which the tokens are re-sorted by their node there, or "staged": the
+        boundaries the staged schedule uses), ``sort_output`` (whether ``y`` is formed in leaf order),
+        ``smem`` (whether route stages and the output stage their weight rows in shared memory where they
+        fit) and ``variant`` (kernel variants, keys of ``_VARIANT``) default to :meth:`_schedule` and
+        ``_VARIANT``; every choice gives bitwise the same results. ``nodes`` and ``logits`` are workspaces
+        of the launch plan, overwritten by the next call with the same plan.
         """
         cp = _cupy()
         n = x2.shape[0]
-        default_splits, default_sort = self._schedule(n)
-        splits, sort_output = self._check_schedule(default_splits if splits is None else splits,
-                                                   default_sort if sort_output is None else sort_output)
+        default = self._schedule(n)
+        if isinstance(splits, str) and splits == "staged":
+            splits = self._staged_splits()
+        splits, sort_output, smem = self._check_schedule(
+            default[0] if splits is None else splits, default[1] if sort_output is None else sort_output,
+            default[2] if smem is None else smem)
         sort_output = sort_output and want_output
         variant = _check_variant(variant)
         y = cp.empty((n, self.d_out), dtype=self.dtype) if want_output else None
@@ -373,10 +478,10 @@ class FFF:
         vec = 16 // self.dtype.itemsize
         vec_in = vec if self.d_in % vec == 0 and x2.data.ptr % 16 == 0 else 1
         stream_ptr = cp.cuda.get_current_stream().ptr
-        key = (n, vec_in, want_output, splits, sort_output, tuple(sorted(variant.items())), stream_ptr)
+        key = (n, vec_in, want_output, splits, sort_output, smem, tuple(sorted(variant.items())), stream_ptr)
         plan = self._plans.get(key)
         if plan is None:
-            plan = _Plan(self, n, vec_in, want_output, splits, sort_output, variant)
+            plan = _Plan(self, n, vec_in, want_output, splits, sort_output, smem, variant)
             self._plans[key] = plan
             while len(self._plans) > _MAX_PLANS:
                 self._plans.popitem(last=False)

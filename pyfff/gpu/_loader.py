@@ -22,9 +22,15 @@ _OPTIONS = ("-std=c++17",)
 # C++ type and the vector widths (elements per 16-byte load, or 1) compiled for it.
 _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 
+# Column-slice vectors per lane (SJ) and tokens per warp (TPW) of fff_output_staged.
+_STAGED_OUT_SJ = (3,)
+_STAGED_OUT_TPW = (1, 2, 4)
+
 NAME_EXPRESSIONS = {
-    "fff.cu": tuple(f"{kernel}<{ctype}, {vec}>" for kernel in ("fff_route", "fff_output")
-                    for ctype, vecs in _TYPES for vec in vecs),
+    "fff.cu": tuple(f"{kernel}<{ctype}, {vec}>" for kernel in ("fff_route", "fff_route_staged", "fff_output")
+                    for ctype, vecs in _TYPES for vec in vecs)
+    + tuple(f"fff_output_staged<{ctype}, {vec}, {sj}, {tpw}>" for ctype, vecs in _TYPES for vec in vecs
+            for sj in _STAGED_OUT_SJ for tpw in _STAGED_OUT_TPW),
 }
 
 

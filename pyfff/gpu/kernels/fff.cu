@@ -35,6 +35,8 @@
 #define PYFFF_SCATTER_ITEMS 2
 // Largest block of fff_route (one token per warp) and fff_output; the host launches 256 or 768 threads.
 #define PYFFF_MAX_BLOCK 768
+// Block of fff_output_staged (two blocks per SM when their shared memory fits).
+#define PYFFF_STAGED_OUT_BLOCK 512
 
 #define PYFFF_ACT_GELU 0
 #define PYFFF_ACT_GELU_TANH 1
@@ -42,29 +44,46 @@
 
 // ---------------------------------------------------------------- loads, stores
 
-// VEC-wide loads, overloaded on the element count of the destination. STREAM: evict-first (rows of x
-// are read once per token and should not push weight rows out of L1); else the read-only path (__ldg).
-template <bool STREAM, typename V>
+// VEC-wide loads, overloaded on the element count of the destination. KIND: kStream, evict-first (rows of x
+// are read once per token and should not push weight rows out of L1); kReadOnly, the read-only path (__ldg);
+// kShared, a plain load (rows staged in shared memory).
+enum LoadKind { kReadOnly = 0, kStream = 1, kShared = 2 };
+
+template <int KIND, typename V>
 __device__ __forceinline__ V ld(const V* __restrict__ p) {
-    if (STREAM) return __ldcs(p);
+    if (KIND == kStream) return __ldcs(p);
+    if (KIND == kShared) return *p;
     return __ldg(p);
 }
 
-template <bool STREAM>
+template <int KIND>
 __device__ __forceinline__ void load_vec(const float* __restrict__ p, float (&v)[4]) {
-    const float4 t = ld<STREAM>(reinterpret_cast<const float4*>(p));
+    const float4 t = ld<KIND>(reinterpret_cast<const float4*>(p));
     v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
 }
 
-template <bool STREAM>
+template <int KIND>
 __device__ __forceinline__ void load_vec(const double* __restrict__ p, double (&v)[2]) {
-    const double2 t = ld<STREAM>(reinterpret_cast<const double2*>(p));
+    const double2 t = ld<KIND>(reinterpret_cast<const double2*>(p));
     v[0] = t.x; v[1] = t.y;
 }
 
-template <bool STREAM, typename T>
+template <int KIND, typename T>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&v)[1]) {
-    v[0] = ld<STREAM>(p);
+    v[0] = ld<KIND>(p);
+}
+
+// Copy one VEC-wide vector from global memory (read-only path) to shared memory (staging weight rows).
+template <typename T, int VEC> struct Vec;
+template <> struct Vec<float, 4> { using type = float4; };
+template <> struct Vec<float, 1> { using type = float; };
+template <> struct Vec<double, 2> { using type = double2; };
+template <> struct Vec<double, 1> { using type = double; };
+
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_vec(T* __restrict__ dst, const T* __restrict__ src) {
+    using V = typename Vec<T, VEC>::type;
+    *reinterpret_cast<V*>(dst) = __ldg(reinterpret_cast<const V*>(src));
 }
 
 // Stores of y are streaming too (written once, never read back by these kernels).
@@ -131,6 +150,73 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
 
 // ---------------------------------------------------------------- routing
 
+// The token's row of x in registers: the first PYFFF_MAXV vectors of each lane (zero past the row's end).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int lane, T (&xr)[PYFFF_MAXV][VEC]) {
+    #pragma unroll
+    for (int j = 0; j < PYFFF_MAXV; ++j) {
+        const int v = lane + 32 * j;
+        if (v < nvec) {
+            load_vec<kStream>(xt + (long long)v * VEC, xr[j]);
+        } else {
+            #pragma unroll
+            for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
+        }
+    }
+}
+
+// w . x for one row w (nvec vectors, read with loads of KIND: global or shared memory) and the token's x
+// (xr in registers, the rest of a wider row read from xt). Every lane returns lane 0's sum of the warp's
+// shuffle butterfly, so that all lanes take the same branch. The summation order does not depend on KIND.
+template <int KIND, typename T, int VEC>
+__device__ __forceinline__ T warp_dot(const T* __restrict__ w, const T (&xr)[PYFFF_MAXV][VEC],
+                                      const T* __restrict__ xt, int nvec, int lane) {
+    T acc[VEC];
+    #pragma unroll
+    for (int c = 0; c < VEC; ++c) acc[c] = T(0);
+    #pragma unroll
+    for (int j = 0; j < PYFFF_MAXV; ++j) {
+        const int v = lane + 32 * j;
+        if (v < nvec) {
+            T wv[VEC];
+            load_vec<KIND>(w + (long long)v * VEC, wv);
+            #pragma unroll
+            for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[j][c], acc[c]);
+        }
+    }
+    for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the register cache
+        T wv[VEC], xv[VEC];
+        load_vec<KIND>(w + (long long)v * VEC, wv);
+        load_vec<kReadOnly>(xt + (long long)v * VEC, xv);
+        #pragma unroll
+        for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
+    }
+    T s = acc[0];
+    #pragma unroll
+    for (int c = 1; c < VEC; ++c) s += acc[c];
+    #pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(PYFFF_FULL_MASK, s, offset);
+    return __shfl_sync(PYFFF_FULL_MASK, s, 0);
+}
+
+// The node a token visits at level lo of a tree: the root, or the child chosen at level lo - 1.
+template <typename T>
+__device__ __forceinline__ long long start_node(const int* __restrict__ nodes, const T* __restrict__ logits,
+                                                long long base, int lo) {
+    if (lo == 0) return 0;
+    return 2LL * nodes[base + lo - 1] + 1 + (logits[base + lo - 1] > T(0) ? 1 : 0);  // ties and NaN go left
+}
+
+// Bucket key of a token (its node of level key_level, relative to the level's first node) and the histogram.
+__device__ __forceinline__ void store_key(long long key_node, int key_level, long long tok, int* __restrict__ keys,
+                                          int* __restrict__ counts) {
+    const long long key = key_node - ((1LL << key_level) - 1);
+    if (key >= 0 && key < (1LL << key_level)) {
+        keys[tok] = (int)key;
+        atomicAdd(counts + key, 1);
+    }
+}
+
 // Walk levels [lo, hi) of tree `tree` for every token.
 //
 // Positions p = 0 .. n-1 are split into one contiguous chunk per block, so
@@ -175,54 +261,15 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route(
         const long long tok = token_at(order, use_order, p, n);
         if (tok < 0) continue;  // never, for a valid permutation
         const T* __restrict__ xt = x + tok * d_in;
-
-        // The token's row of x stays in registers for all levels (first PYFFF_MAXV vectors per lane).
-        T xr[PYFFF_MAXV][VEC];
-        #pragma unroll
-        for (int j = 0; j < PYFFF_MAXV; ++j) {
-            const int v = lane + 32 * j;
-            if (v < nvec) {
-                load_vec<true>(xt + (long long)v * VEC, xr[j]);
-            } else {
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
-            }
-        }
+        T xr[PYFFF_MAXV][VEC];  // the token's row of x stays in registers for all levels
+        load_x(xt, nvec, lane, xr);
 
         const long long base = (tok * n_trees + tree) * levels;
-        long long node = 0;
-        if (lo > 0) node = 2LL * nodes[base + lo - 1] + 1 + (logits[base + lo - 1] > T(0) ? 1 : 0);
+        long long node = start_node(nodes, logits, base, lo);
         long long key_node = 0;
-
         for (int level = lo; level < hi; ++level) {
             const long long row = (long long)tree * n_nodes + node;
-            const T* __restrict__ w = w_in + row * d_in;
-            T acc[VEC];
-            #pragma unroll
-            for (int c = 0; c < VEC; ++c) acc[c] = T(0);
-            #pragma unroll
-            for (int j = 0; j < PYFFF_MAXV; ++j) {
-                const int v = lane + 32 * j;
-                if (v < nvec) {
-                    T wv[VEC];
-                    load_vec<false>(w + (long long)v * VEC, wv);
-                    #pragma unroll
-                    for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[j][c], acc[c]);
-                }
-            }
-            for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the register cache
-                T wv[VEC], xv[VEC];
-                load_vec<false>(w + (long long)v * VEC, wv);
-                load_vec<false>(xt + (long long)v * VEC, xv);
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
-            }
-            T s = acc[0];
-            #pragma unroll
-            for (int c = 1; c < VEC; ++c) s += acc[c];
-            #pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(PYFFF_FULL_MASK, s, offset);
-            T z = __shfl_sync(PYFFF_FULL_MASK, s, 0);
+            T z = warp_dot<kReadOnly>(w_in + row * d_in, xr, xt, nvec, lane);
             if (has_bias) z += __ldg(b_in + row);
             if (lane == 0) {
                 nodes[base + level] = (int)node;
@@ -232,19 +279,126 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route(
             node = 2 * node + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
         }
         if (key_level == hi) key_node = node;
-        if (key_level >= 0 && lane == 0) {
-            const long long key = key_node - ((1LL << key_level) - 1);
-            if (key >= 0 && key < (1LL << key_level)) {
-                keys[tok] = (int)key;
-                atomicAdd(counts + key, 1);
+        if (key_level >= 0 && lane == 0) store_key(key_node, key_level, tok, keys, counts);
+    }
+}
+
+// Subtrees staged in shared memory. The subtree of levels [lo, hi) below node `key` of level lo (key counted
+// from the level's first node) has 2**(hi - lo) - 1 rows, kept in breadth-first order: local row
+// (2**j - 1) + k is node (2**(lo + j) - 1) + key * 2**j + k of level lo + j. Local row of `node` of `level`,
+// or -1 when the node is not in the subtree.
+__device__ __forceinline__ int subtree_row(long long node, int level, int lo, long long key) {
+    const int j = level - lo;
+    const long long k = node - ((1LL << level) - 1) - (key << j);
+    return (j >= 0 && k >= 0 && k < (1LL << j)) ? (int)(((1LL << j) - 1) + k) : -1;
+}
+
+// Node of local row r of that subtree.
+__device__ __forceinline__ long long subtree_node(int r, int lo, long long key) {
+    const int j = 31 - __clz(r + 1);  // level within the subtree
+    return ((1LL << (lo + j)) - 1) + (key << j) + (r - ((1 << j) - 1));
+}
+
+// The segment of positions [p, end) that a block handles with one staged subtree: tokens sorted by their
+// node of level `level` (order from fff_bucket_scatter, whose bucket b holds positions
+// [starts[b], starts[b + 1])) share it up to the end of the bucket. Without a sort (use_order == 0) only
+// level 0 is shared by all; deeper, a segment is one position. Always at least one position.
+__device__ __forceinline__ long long segment_end(long long p, long long end, long long key, int level,
+                                                 const int* __restrict__ starts, int use_order) {
+    long long e = p + 1;
+    if (level == 0) e = end;
+    else if (use_order && key >= 0 && key < (1LL << level)) e = min(end, (long long)starts[key + 1]);
+    return max(e, p + 1);
+}
+
+// fff_route with the rows of each segment's subtree (levels [lo, hi), weights and biases) staged in shared
+// memory by the whole block, so that each row crosses L2 once per segment instead of once per token.
+// Same arguments as fff_route plus `starts` (bucket starts of the sort that produced `order`, by the node
+// of level lo), launched with (2**(hi - lo) - 1) * (d_in + 1) * sizeof(T) bytes of dynamic shared memory
+// (rounded up to 16). Same sums in the same order as fff_route: bitwise the same nodes and logits. A token
+// whose node is not in the staged subtree (never, with a consistent sort) reads that row from global memory.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route_staged(
+    const T* __restrict__ x, const long long n, const int d_in, const T* __restrict__ w_in,
+    const T* __restrict__ b_in, const int has_bias, const int n_trees, const int depth, const int tree,
+    const int lo, const int hi, const int* __restrict__ order, const int use_order,
+    int* __restrict__ nodes, T* __restrict__ logits, const int key_level, int* __restrict__ keys,
+    int* __restrict__ counts,
+    const int* __restrict__ starts)  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
+{
+    extern __shared__ __align__(16) unsigned char pyfff_smem[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n_warps = blockDim.x >> 5;
+    const int nvec = d_in / VEC;
+    const int levels = depth + 1;
+    const long long n_nodes = (2LL << depth) - 1;
+    const int rows = (1 << (hi - lo)) - 1;
+    T* sw = reinterpret_cast<T*>(pyfff_smem);  // (rows, d_in)
+    T* sb = sw + (long long)rows * d_in;        // (rows,)
+    const PositionRange range = block_positions(n);
+
+    long long p = range.begin;
+    while (p < range.end) {  // block-uniform: one staged subtree per segment
+        const long long tok0 = token_at(order, use_order, p, n);
+        const int key = tok0 < 0 ? -1
+            : (int)start_node(nodes, logits, (tok0 * n_trees + tree) * levels, lo) - ((1 << lo) - 1);
+        const bool staged = key >= 0 && key < (1 << lo);
+        const long long seg_end = segment_end(p, range.end, key, lo, starts, use_order);
+        __syncthreads();  // the previous segment's rows are no longer read
+        if (staged) {
+            const int total = rows * nvec;  // fits: the rows fit in shared memory
+            #pragma unroll 4
+            for (int i = threadIdx.x; i < total; i += blockDim.x) {
+                const int r = i / nvec;
+                const long long row = (long long)tree * n_nodes + subtree_node(r, lo, key);
+                copy_vec<T, VEC>(sw + (long long)i * VEC, w_in + row * d_in + (long long)(i - r * nvec) * VEC);
+            }
+            if (has_bias) {
+                for (int r = threadIdx.x; r < rows; r += blockDim.x)
+                    sb[r] = __ldg(b_in + (long long)tree * n_nodes + subtree_node(r, lo, key));
             }
         }
+        __syncthreads();
+
+        for (long long q = p + warp; q < seg_end; q += n_warps) {  // warp-uniform
+            const long long tok = token_at(order, use_order, q, n);
+            if (tok < 0) continue;
+            const T* __restrict__ xt = x + tok * d_in;
+            T xr[PYFFF_MAXV][VEC];
+            load_x(xt, nvec, lane, xr);
+
+            const long long base = (tok * n_trees + tree) * levels;
+            int node = (int)start_node(nodes, logits, base, lo);  // nodes < 2**31
+            int key_node = 0;
+            for (int level = lo; level < hi; ++level) {
+                const long long row = (long long)tree * n_nodes + node;
+                const int r = staged ? subtree_row(node, level, lo, key) : -1;
+                T z;
+                if (r >= 0) {  // warp-uniform
+                    z = warp_dot<kShared>(sw + (long long)r * d_in, xr, xt, nvec, lane);
+                    if (has_bias) z += sb[r];
+                } else {
+                    z = warp_dot<kReadOnly>(w_in + row * d_in, xr, xt, nvec, lane);
+                    if (has_bias) z += __ldg(b_in + row);
+                }
+                if (lane == 0) {
+                    nodes[base + level] = (int)node;
+                    logits[base + level] = z;
+                }
+                if (level == key_level) key_node = node;
+                node = 2 * node + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
+            }
+            if (key_level == hi) key_node = node;
+            if (key_level >= 0 && lane == 0) store_key(key_node, key_level, tok, keys, counts);
+        }
+        p = seg_end;
     }
 }
 
 // ---------------------------------------------------------------- counting sort
 
-// perm = the tokens 0 .. n-1 grouped by keys[token], bucket 0 first.
+// perm = the tokens 0 .. n-1 grouped by keys[token], bucket 0 first; starts = where each bucket begins.
 //
 // Launched with PYFFF_SCATTER_THREADS threads and ceil(n / (threads * items))
 // blocks, after `counts` holds the complete histogram of `keys` and with
@@ -258,7 +412,8 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
     const int* __restrict__ counts,  // IN  (n_buckets,)
     const int n_buckets,             // <= PYFFF_MAX_BUCKETS
     int* __restrict__ cursors,       // IN/OUT (n_buckets,), zero before the launch
-    int* __restrict__ perm)          // OUT (n,)
+    int* __restrict__ perm,          // OUT (n,)
+    int* __restrict__ starts)        // OUT (n_buckets + 1,) bucket b is perm[starts[b] : starts[b + 1]]
 {
     __shared__ int offset[PYFFF_MAX_BUCKETS];
     __shared__ int local[PYFFF_MAX_BUCKETS];
@@ -286,9 +441,11 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
     for (int w = 0; w < warp; ++w) run += warp_total[w];
     for (int b = b0; b < b1; ++b) {
         offset[b] = run;
+        if (blockIdx.x == 0) starts[b] = run;
         run += counts[b];
         local[b] = 0;
     }
+    if (blockIdx.x == 0 && tid == PYFFF_SCATTER_THREADS - 1) starts[nb] = run;  // the last thread's run ends at the total
     __syncthreads();
 
     // 2. rank of each of this block's tokens inside its bucket, among this block's tokens
@@ -388,7 +545,7 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
                         const int v = v0 + lane + 32 * j;
                         if (v < nvec) {
                             T w[VEC];
-                            load_vec<false>(wr + (long long)v * VEC, w);
+                            load_vec<kReadOnly>(wr + (long long)v * VEC, w);
                             #pragma unroll
                             for (int c = 0; c < VEC; ++c) acc[j][c] = fma(ak, w[c], acc[j][c]);
                         }
@@ -401,5 +558,139 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
                 if (v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
             }
         }
+    }
+}
+
+// fff_output for a one-tree layer with the weight rows staged in shared memory, per segment and column slice.
+//
+// Positions are sorted by the token's node of level key_level (`order` and `starts` from
+// fff_bucket_scatter; key_level 0: any order, one segment per block). The tokens of a segment share their
+// nodes of levels 0 .. key_level (the key node and its ancestors), and their deeper nodes lie in the key
+// node's subtree. For its slice of the columns (blockIdx.y: vectors [v0, v0 + slice_vecs) of each row) the
+// block stages the key_level ancestor rows, then the 2**(depth + 1 - key_level) - 1 rows of the subtree in
+// the breadth-first order of fff_route_staged: (key_level + 2**(depth + 1 - key_level) - 1) * slice_vecs *
+// VEC * sizeof(T) bytes of dynamic shared memory. A warp forms TPW neighbouring tokens' outputs at once and
+// loads a row that a token shares with the one before it once; each lane keeps SJ vectors of each token's
+// slice (slice_vecs <= 32 * SJ). Same sums in the same order as fff_output: bitwise the same y. A node
+// outside the staged rows (never, with a consistent sort) is read from global memory.
+template <typename T, int VEC, int SJ, int TPW>
+__global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK, TPW <= 2 ? 2 : 1) fff_output_staged(
+    const int* __restrict__ nodes,   // IN  (n, 1, depth + 1)
+    const T* __restrict__ logits,    // IN  (n, 1, depth + 1)
+    const long long n,
+    const int d_out,                 // multiple of VEC
+    const T* __restrict__ w_out,     // IN  (n_nodes, d_out)
+    const int depth,                 // depth + 1 <= 32: one term per lane
+    const int act,
+    const int* __restrict__ order,   // IN  (n,), read only if use_order
+    const int use_order,
+    const int* __restrict__ starts,  // IN  (2**key_level + 1,) bucket starts of `order`, read only if use_order
+    const int key_level,
+    const int slice_vecs,            // vectors per column slice, 1 .. 32 * SJ
+    T* __restrict__ y)               // OUT (n, d_out)
+{
+    extern __shared__ __align__(16) unsigned char pyfff_smem[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n_warps = blockDim.x >> 5;
+    const int nvec = d_out / VEC;
+    const int levels = depth + 1;
+    const int s = key_level;
+    const int rows = s + (1 << (levels - s)) - 1;
+    const int v0 = blockIdx.y * slice_vecs;
+    const int sv = min(slice_vecs, nvec - v0);  // vectors in this block's slice
+    const int stride = slice_vecs * VEC;         // elements per staged row
+    T* sw = reinterpret_cast<T*>(pyfff_smem);   // (rows, stride)
+    const PositionRange range = block_positions(n);
+    if (sv <= 0) return;
+
+    long long p = range.begin;
+    while (p < range.end) {  // block-uniform: one set of staged rows per segment
+        const long long tok0 = token_at(order, use_order, p, n);
+        const int key = tok0 < 0 ? -1 : nodes[tok0 * levels + s] - ((1 << s) - 1);  // nodes < 2**31
+        const bool staged = key >= 0 && key < (1 << s);
+        const int key_node = ((1 << s) - 1) + key;
+        const long long seg_end = segment_end(p, range.end, key, s, starts, use_order);
+        __syncthreads();  // the previous segment's rows are no longer read
+        if (staged) {
+            const int total = rows * sv;
+            #pragma unroll 4
+            for (int i = threadIdx.x; i < total; i += blockDim.x) {
+                const int r = i / sv;
+                const int c = i - r * sv;
+                const long long node = r < s ? ((key_node + 1) >> (s - r)) - 1 : subtree_node(r - s, s, key);
+                copy_vec<T, VEC>(sw + r * stride + c * VEC, w_out + node * d_out + (long long)(v0 + c) * VEC);
+            }
+        }
+        __syncthreads();
+
+        for (long long q = p + (long long)warp * TPW; q < seg_end; q += (long long)n_warps * TPW) {  // warp-uniform
+            int tok[TPW];     // < n <= 2**31 - 1
+            int node_l[TPW];  // lane l: the token's node and activation of term l
+            T a_l[TPW];
+            #pragma unroll
+            for (int t = 0; t < TPW; ++t) {
+                tok[t] = q + t < seg_end ? (int)token_at(order, use_order, q + t, n) : -1;
+                node_l[t] = 0;
+                a_l[t] = T(0);
+                if (tok[t] >= 0 && lane < levels) {
+                    node_l[t] = __ldg(nodes + (long long)tok[t] * levels + lane);
+                    a_l[t] = activation(__ldg(logits + (long long)tok[t] * levels + lane), act);
+                }
+            }
+            T acc[TPW][SJ][VEC];
+            #pragma unroll
+            for (int t = 0; t < TPW; ++t) {
+                #pragma unroll
+                for (int j = 0; j < SJ; ++j) {
+                    #pragma unroll
+                    for (int c = 0; c < VEC; ++c) acc[t][j][c] = T(0);
+                }
+            }
+            for (int l = 0; l < levels; ++l) {
+                T w[SJ][VEC];
+                int held = -1;  // node whose row slice is in w
+                #pragma unroll
+                for (int t = 0; t < TPW; ++t) {
+                    const int nd = __shfl_sync(PYFFF_FULL_MASK, node_l[t], l);
+                    const T ak = __shfl_sync(PYFFF_FULL_MASK, a_l[t], l);
+                    if (tok[t] < 0) continue;  // warp-uniform
+                    if (nd != held) {          // warp-uniform
+                        int r = -1;  // staged row of nd
+                        if (staged && l < s) {
+                            if (nd == ((key_node + 1) >> (s - l)) - 1) r = l;
+                        } else if (staged) {
+                            const int k = subtree_row(nd, l, s, key);
+                            if (k >= 0) r = s + k;
+                        }
+                        #pragma unroll
+                        for (int j = 0; j < SJ; ++j) {
+                            const int c = lane + 32 * j;
+                            if (c < sv) {
+                                if (r >= 0) load_vec<kShared>(sw + r * stride + c * VEC, w[j]);
+                                else load_vec<kReadOnly>(w_out + (long long)nd * d_out + (long long)(v0 + c) * VEC, w[j]);
+                            }
+                        }
+                        held = nd;
+                    }
+                    #pragma unroll
+                    for (int j = 0; j < SJ; ++j) {
+                        #pragma unroll
+                        for (int c = 0; c < VEC; ++c) acc[t][j][c] = fma(ak, w[j][c], acc[t][j][c]);
+                    }
+                }
+            }
+            #pragma unroll
+            for (int t = 0; t < TPW; ++t) {
+                if (tok[t] < 0) continue;
+                T* __restrict__ yt = y + (long long)tok[t] * d_out + (long long)v0 * VEC;
+                #pragma unroll
+                for (int j = 0; j < SJ; ++j) {
+                    const int c = lane + 32 * j;
+                    if (c < sv) store_vec<T, VEC>(yt + c * VEC, acc[t][j]);
+                }
+            }
+        }
+        p = seg_end;
     }
 }
