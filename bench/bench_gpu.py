@@ -50,9 +50,7 @@ FFF_SCHEDULES = {
     "pyfff_gpu": None,
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
     "staged,1-token-warps": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tpw": 1}},
-    "staged,4-token-warps": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tpw": 4}},
     "direct": {"splits": (), "sort_output": False, "smem": False},
-    "split6": {"splits": (6,), "sort_output": True, "smem": False},
 }
 FFF_SCHEDULES = {k if v is None else f"pyfff_gpu[{k}]": v for k, v in FFF_SCHEDULES.items()}
 

@@ -358,8 +358,8 @@ def test_gelu_is_accurate_to_an_ulp(dtype):
     assert bad.size == 0, (z[bad[:5]], got[bad[:5]], want[bad[:5]])
 
 
-VARIANTS = ([{"route_block": rb, "out_block": ob} for rb in (256, 768) for ob in (256, 768)]
-            + [{"out_tpw": tpw} for tpw in (1, 2, 4)])
+VARIANTS = ([{"route_block": rb, "out_block": ob} for rb in (256, 512) for ob in (256, 768)]
+            + [{"out_tpw": tpw, "out_sj": sj} for tpw in (1, 2, 4) for sj in (3, 6)])
 
 
 @requires_gpu
@@ -400,7 +400,7 @@ def test_bad_schedule():
     for splits in [(0,), (6,), (3, 2), (2, 2)]:
         with pytest.raises(ValueError, match="splits"):
             gpu._run(x, want_output=True, splits=splits, sort_output=True)
-    for variant in ({"route_block": 512}, {"out_block": 1024}, {"threads": 1}, {"out_tpw": 3}):
+    for variant in ({"route_block": 768}, {"out_block": 1024}, {"threads": 1}, {"out_tpw": 3}, {"out_sj": 4}):
         with pytest.raises(ValueError, match="variant"):
             gpu._run(x, want_output=True, variant=variant)
 

@@ -48,13 +48,14 @@ _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
 # From this batch size on, the default is the staged schedule (weight rows staged in shared memory).
 _SMEM_MIN_TOKENS = 1024
-# Kernel variants: threads per block of fff_route and fff_output (256: three blocks per SM, or 768: one), and
-# tokens per warp of fff_output_staged.
-_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2}
-_VARIANT_CHOICES = {"route_block": (256, 768), "out_block": (256, 768), "out_tpw": (1, 2, 4)}
-_STAGED_ROUTE_BLOCK = 768  # fff_route_staged: one block per SM (its subtree fills most of the shared memory)
-_STAGED_OUT_BLOCK = 512  # PYFFF_STAGED_OUT_BLOCK
-_STAGED_OUT_SJ = 3  # vectors per lane and token in fff_output_staged: column slices of 96 vectors
+# Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768: one), and
+# tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of fff_output_staged.
+_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6}
+_VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6)}
+_STAGED_ROUTE_BLOCK = 512  # fff_route_staged: one block per SM (its subtree fills most of the shared memory)
+_ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
+
+_ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
 _MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
 
 _ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
@@ -94,6 +95,11 @@ def _kernel(name, device_id):
         # no shared memory: ask for the largest L1 (carveout 0 %), where weight rows are cached
         cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_CARVEOUT, 0)
     return kernel
+
+
+def _staged_out_block(sj, tpw):
+    """Threads per block of fff_output_staged<..., sj, tpw> (PYFFF_STAGED_OUT_BLOCK)."""
+    return 1024 if sj * tpw <= 6 else 512
 
 
 def _smem_optin(device_id):
@@ -152,19 +158,15 @@ def _grid(kernel, block, n_items, device_id, smem=0):
     return max(1, min(-(-n_items // (block // 32)), per_sm * n_sm))
 
 
-def _output_slices(rows, nvec, vec_bytes, device_id):
+def _output_slices(rows, nvec, vec_bytes, sj, device_id):
     """(vectors per column slice, number of slices) for fff_output_staged with ``rows`` staged rows of
-    ``nvec`` vectors, or None when not even a 32-vector slice (or the whole row) fits. Slices are as wide as the kernel takes
-    (32 * SJ vectors) and fit two blocks per SM when they can."""
-    cp = _cupy()
-    optin = _smem_optin(device_id)
-    two_per_sm = cp.cuda.runtime.deviceGetAttribute(_ATTR_SMEM_PER_SM, device_id) // 2 - _SMEM_RESERVED
-    for budget in (min(two_per_sm, optin), optin):
-        width = min(32 * _STAGED_OUT_SJ, nvec, budget // (rows * vec_bytes))
-        if width >= min(32, nvec):  # narrower slices would leave lanes idle: fff_output does better
-            n_slices = -(-nvec // width)
-            return -(-nvec // n_slices), n_slices
-    return None
+    ``nvec`` vectors and ``sj`` vectors per lane, or None when not even a 32-vector slice (or the whole row)
+    fits. Slices are as wide as the kernel takes (32 * sj vectors) and as equal as they can be."""
+    width = min(32 * sj, nvec, _smem_optin(device_id) // (rows * vec_bytes))
+    if width < min(32, nvec):  # narrower slices would leave lanes idle: fff_output does better
+        return None
+    n_slices = -(-nvec // width)
+    return -(-nvec // n_slices), n_slices
 
 
 class _Plan:
@@ -190,9 +192,10 @@ class _Plan:
         self._keep = [keys]  # buffers referenced only by launch arguments
         dev = layer.device_id
         r_block = variant["route_block"]
-        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}>", dev)
-        route_grid = _grid(route, r_block, n, dev)
-        staged_route = _kernel(f"fff_route_staged<{layer._ctype}, {vec_in}>", dev) if smem else None
+        exact = "true" if layer.d_in == _ROUTE_VECTORS * vec_in else "false"
+        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}>", dev)
+        route_grid = _grid(route, r_block, -(-n // _ROUTE_TOKENS_PER_WARP), dev)
+        staged_route = _kernel(f"fff_route_staged<{layer._ctype}, {vec_in}, {exact}>", dev) if smem else None
         scatter = _kernel("fff_bucket_scatter", dev)
         dummy = layer._dummy
         has_bias = layer.b_in is not None
@@ -222,7 +225,7 @@ class _Plan:
                 if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or order is not None):
                     args.append(_ptr(dummy if starts is None else starts))
                     self.launches.append(_Launch(
-                        staged_route, _grid(staged_route, _STAGED_ROUTE_BLOCK, n, dev, stage_bytes),
+                        staged_route, _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes),
                         _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
                     self.launches.append(_Launch(route, route_grid, r_block, args))
@@ -254,14 +257,15 @@ class _Plan:
         levels = layer.depth + 1
         if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
             rows = key_level + 2 ** (levels - key_level) - 1
-            slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, dev)
+            slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev)
             if slices is not None:
                 width, n_slices = slices
                 nbytes = rows * width * vec_out * layer.dtype.itemsize
-                kernel = _kernel(f"fff_output_staged<{layer._ctype}, {vec_out}, {_STAGED_OUT_SJ}, "
+                kernel = _kernel(f"fff_output_staged<{layer._ctype}, {vec_out}, {variant['out_sj']}, "
                                  f"{variant['out_tpw']}>", dev)
-                grid = _grid(kernel, _STAGED_OUT_BLOCK, -(-n // variant["out_tpw"]), dev, nbytes)
-                return _Launch(kernel, -(-grid // n_slices), _STAGED_OUT_BLOCK, [
+                block = _staged_out_block(variant["out_sj"], variant["out_tpw"])
+                grid = _grid(kernel, block, -(-n // variant["out_tpw"]), dev, nbytes)
+                return _Launch(kernel, -(-grid // n_slices), block, [
                     _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
                     i32(layer.depth), i32(layer._act), _ptr(dummy if order is None else order),
                     i32(order is not None), _ptr(dummy if starts is None else starts), i32(key_level),

@@ -22,13 +22,16 @@ _OPTIONS = ("-std=c++17",)
 # C++ type and the vector widths (elements per 16-byte load, or 1) compiled for it.
 _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 
-# Column-slice vectors per lane (SJ) and tokens per warp (TPW) of fff_output_staged.
-_STAGED_OUT_SJ = (3,)
+# fff_route and fff_route_staged take EXACT = whether a row is exactly the vectors the lanes keep in registers
+# (16 lanes x 12 vectors: 768 floats, 384 doubles); fff_output_staged takes column-slice vectors per lane (SJ)
+# and tokens per warp (TPW).
+_STAGED_OUT_SJ = (3, 6)
 _STAGED_OUT_TPW = (1, 2, 4)
 
 NAME_EXPRESSIONS = {
-    "fff.cu": tuple(f"{kernel}<{ctype}, {vec}>" for kernel in ("fff_route", "fff_route_staged", "fff_output")
-                    for ctype, vecs in _TYPES for vec in vecs)
+    "fff.cu": tuple(f"fff_output<{ctype}, {vec}>" for ctype, vecs in _TYPES for vec in vecs)
+    + tuple(f"{kernel}<{ctype}, {vec}, {exact}>" for kernel in ("fff_route", "fff_route_staged")
+            for ctype, vecs in _TYPES for vec in vecs for exact in ("false", "true"))
     + tuple(f"fff_output_staged<{ctype}, {vec}, {sj}, {tpw}>" for ctype, vecs in _TYPES for vec in vecs
             for sj in _STAGED_OUT_SJ for tpw in _STAGED_OUT_TPW),
 }

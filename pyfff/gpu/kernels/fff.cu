@@ -33,10 +33,15 @@
 #define PYFFF_MAX_BUCKETS 4096
 #define PYFFF_SCATTER_THREADS 256
 #define PYFFF_SCATTER_ITEMS 2
-// Largest block of fff_route (one token per warp) and fff_output; the host launches 256 or 768 threads.
+// Largest block of fff_output (one token per warp); the host launches 256 or 768 threads.
 #define PYFFF_MAX_BLOCK 768
-// Block of fff_output_staged (two blocks per SM when their shared memory fits).
-#define PYFFF_STAGED_OUT_BLOCK 512
+// Largest block of fff_route and fff_route_staged (two tokens per warp, up to 128 registers per thread).
+#ifndef PYFFF_ROUTE_MAX_BLOCK
+#define PYFFF_ROUTE_MAX_BLOCK 512
+#endif
+// Block of fff_output_staged: 1024 threads (64 registers) when a lane keeps at most 6 vectors per token x
+// tokens, else 512 (128 registers).
+#define PYFFF_STAGED_OUT_BLOCK(SJ, TPW) ((SJ) * (TPW) <= 6 ? 1024 : 512)
 
 #define PYFFF_ACT_GELU 0
 #define PYFFF_ACT_GELU_TANH 1
@@ -52,28 +57,52 @@ enum LoadKind { kReadOnly = 0, kStream = 1, kShared = 2 };
 template <int KIND, typename V>
 __device__ __forceinline__ V ld(const V* __restrict__ p) {
     if (KIND == kStream) return __ldcs(p);
-    if (KIND == kShared) return *p;
     return __ldg(p);
+}
+
+// Shared-memory loads are written as ld.shared, so that they stay LDS instructions (short scoreboard) even
+// where the compiler would otherwise merge them with a global load of the same shape into a generic load
+// (long scoreboard). Volatile with a memory clobber: never moved across the block's barriers.
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ld_shared(const float* p, float (&v)[4]) {
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                 : "r"(smem_addr(p)) : "memory");
+}
+__device__ __forceinline__ void ld_shared(const double* p, double (&v)[2]) {
+    asm volatile("ld.shared.v2.f64 {%0, %1}, [%2];" : "=d"(v[0]), "=d"(v[1]) : "r"(smem_addr(p)) : "memory");
+}
+__device__ __forceinline__ void ld_shared(const float* p, float (&v)[1]) {
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v[0]) : "r"(smem_addr(p)) : "memory");
+}
+__device__ __forceinline__ void ld_shared(const double* p, double (&v)[1]) {
+    asm volatile("ld.shared.f64 %0, [%1];" : "=d"(v[0]) : "r"(smem_addr(p)) : "memory");
 }
 
 template <int KIND>
 __device__ __forceinline__ void load_vec(const float* __restrict__ p, float (&v)[4]) {
+    if (KIND == kShared) { ld_shared(p, v); return; }
     const float4 t = ld<KIND>(reinterpret_cast<const float4*>(p));
     v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
 }
 
 template <int KIND>
 __device__ __forceinline__ void load_vec(const double* __restrict__ p, double (&v)[2]) {
+    if (KIND == kShared) { ld_shared(p, v); return; }
     const double2 t = ld<KIND>(reinterpret_cast<const double2*>(p));
     v[0] = t.x; v[1] = t.y;
 }
 
 template <int KIND, typename T>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, T (&v)[1]) {
+    if (KIND == kShared) { ld_shared(p, v); return; }
     v[0] = ld<KIND>(p);
 }
 
-// Copy one VEC-wide vector from global memory (read-only path) to shared memory (staging weight rows).
+// Staging weight rows into shared memory: copy_vec starts an asynchronous copy of one VEC-wide vector from
+// global to shared memory (cp.async, sm_80 and later: the copies of a thread overlap instead of each waiting
+// for its load; a plain load and store before sm_80), copies_done waits for this thread's copies. The block
+// then synchronises before any thread reads the rows.
 template <typename T, int VEC> struct Vec;
 template <> struct Vec<float, 4> { using type = float4; };
 template <> struct Vec<float, 1> { using type = float; };
@@ -83,7 +112,19 @@ template <> struct Vec<double, 1> { using type = double; };
 template <typename T, int VEC>
 __device__ __forceinline__ void copy_vec(T* __restrict__ dst, const T* __restrict__ src) {
     using V = typename Vec<T, VEC>::type;
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    if (sizeof(V) == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(d), "l"(src) : "memory");
+    else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" :: "r"(d), "l"(src), "n"(sizeof(V)) : "memory");
+#else
     *reinterpret_cast<V*>(dst) = __ldg(reinterpret_cast<const V*>(src));
+#endif
+}
+
+__device__ __forceinline__ void copies_done() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 // Stores of y are streaming too (written once, never read back by these kernels).
@@ -150,13 +191,24 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
 
 // ---------------------------------------------------------------- routing
 
-// The token's row of x in registers: the first PYFFF_MAXV vectors of each lane (zero past the row's end).
-template <typename T, int VEC>
-__device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int lane, T (&xr)[PYFFF_MAXV][VEC]) {
+// A token's walk is done by a group of PYFFF_ROUTE_LANES lanes (two tokens per warp): each lane keeps
+// PYFFF_ROUTE_XV vectors of the token's x in registers (a row of 768 floats in all) and, per level, multiplies
+// them with the same vectors of the node's row; the group reduces its partial sums with a shuffle butterfly.
+// Half a warp per token halves the per-token instructions of the reduction and the bookkeeping of a level,
+// which bound the walk (docs/gpu.md). The summation order is the same in every route kernel.
+#ifndef PYFFF_ROUTE_LANES
+#define PYFFF_ROUTE_LANES 16
+#endif
+#define PYFFF_ROUTE_XV (PYFFF_MAXV * 32 / PYFFF_ROUTE_LANES)
+
+// The token's row of x in registers: vectors g + PYFFF_ROUTE_LANES * j of lane g of the group (zero past the
+// row's end). EXACT: the row is exactly PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV vectors (no bounds checks).
+template <bool EXACT, typename T, int VEC>
+__device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g, T (&xr)[PYFFF_ROUTE_XV][VEC]) {
     #pragma unroll
-    for (int j = 0; j < PYFFF_MAXV; ++j) {
-        const int v = lane + 32 * j;
-        if (v < nvec) {
+    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+        const int v = g + PYFFF_ROUTE_LANES * j;
+        if (EXACT || v < nvec) {
             load_vec<kStream>(xt + (long long)v * VEC, xr[j]);
         } else {
             #pragma unroll
@@ -166,37 +218,42 @@ __device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int l
 }
 
 // w . x for one row w (nvec vectors, read with loads of KIND: global or shared memory) and the token's x
-// (xr in registers, the rest of a wider row read from xt). Every lane returns lane 0's sum of the warp's
-// shuffle butterfly, so that all lanes take the same branch. The summation order does not depend on KIND.
-template <int KIND, typename T, int VEC>
-__device__ __forceinline__ T warp_dot(const T* __restrict__ w, const T (&xr)[PYFFF_MAXV][VEC],
-                                      const T* __restrict__ xt, int nvec, int lane) {
+// (xr in registers, the rest of a wider row read from xt), reduced over the lane group. Every lane of the
+// group returns the sum of the group's first lane, so that all take the same branch. The summation order
+// does not depend on KIND or EXACT. Called by all lanes of the warp together (full-mask shuffles; the
+// butterfly's offsets stay inside a group).
+template <int KIND, bool EXACT, typename T, int VEC>
+__device__ __forceinline__ T group_dot(const T* __restrict__ w, const T (&xr)[PYFFF_ROUTE_XV][VEC],
+                                       const T* __restrict__ xt, int nvec, int lane) {
+    const int g = lane & (PYFFF_ROUTE_LANES - 1);
     T acc[VEC];
     #pragma unroll
     for (int c = 0; c < VEC; ++c) acc[c] = T(0);
     #pragma unroll
-    for (int j = 0; j < PYFFF_MAXV; ++j) {
-        const int v = lane + 32 * j;
-        if (v < nvec) {
+    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+        const int v = g + PYFFF_ROUTE_LANES * j;
+        if (EXACT || v < nvec) {
             T wv[VEC];
             load_vec<KIND>(w + (long long)v * VEC, wv);
             #pragma unroll
             for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[j][c], acc[c]);
         }
     }
-    for (int v = lane + 32 * PYFFF_MAXV; v < nvec; v += 32) {  // rows wider than the register cache
-        T wv[VEC], xv[VEC];
-        load_vec<KIND>(w + (long long)v * VEC, wv);
-        load_vec<kReadOnly>(xt + (long long)v * VEC, xv);
-        #pragma unroll
-        for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
+    if (!EXACT) {
+        for (int v = g + PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV; v < nvec; v += PYFFF_ROUTE_LANES) {  // wider rows
+            T wv[VEC], xv[VEC];
+            load_vec<KIND>(w + (long long)v * VEC, wv);
+            load_vec<kReadOnly>(xt + (long long)v * VEC, xv);
+            #pragma unroll
+            for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xv[c], acc[c]);
+        }
     }
     T s = acc[0];
     #pragma unroll
     for (int c = 1; c < VEC; ++c) s += acc[c];
     #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(PYFFF_FULL_MASK, s, offset);
-    return __shfl_sync(PYFFF_FULL_MASK, s, 0);
+    for (int offset = PYFFF_ROUTE_LANES / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(PYFFF_FULL_MASK, s, offset);
+    return __shfl_sync(PYFFF_FULL_MASK, s, lane & ~(PYFFF_ROUTE_LANES - 1));
 }
 
 // The node a token visits at level lo of a tree: the root, or the child chosen at level lo - 1.
@@ -207,29 +264,93 @@ __device__ __forceinline__ long long start_node(const int* __restrict__ nodes, c
     return 2LL * nodes[base + lo - 1] + 1 + (logits[base + lo - 1] > T(0) ? 1 : 0);  // ties and NaN go left
 }
 
-// Bucket key of a token (its node of level key_level, relative to the level's first node) and the histogram.
-__device__ __forceinline__ void store_key(long long key_node, int key_level, long long tok, int* __restrict__ keys,
-                                          int* __restrict__ counts) {
-    const long long key = key_node - ((1LL << key_level) - 1);
-    if (key >= 0 && key < (1LL << key_level)) {
-        keys[tok] = (int)key;
-        atomicAdd(counts + key, 1);
+// Subtrees staged in shared memory. The subtree of levels [lo, hi) below node `key` of level lo (key counted
+// from the level's first node) has 2**(hi - lo) - 1 rows, kept in breadth-first order: local row
+// (2**j - 1) + k is node (2**(lo + j) - 1) + key * 2**j + k of level lo + j. Local row of `node` of `level`,
+// or -1 when the node is not in the subtree.
+__device__ __forceinline__ int subtree_row(int node, int level, int lo, int key) {
+    const int j = level - lo;
+    const int k = node - ((1 << level) - 1) - (key << j);
+    return (j >= 0 && k >= 0 && k < (1 << j)) ? ((1 << j) - 1) + k : -1;
+}
+
+// Node of local row r of that subtree.
+__device__ __forceinline__ int subtree_node(int r, int lo, int key) {
+    const int j = 31 - __clz(r + 1);  // level within the subtree
+    return ((1 << (lo + j)) - 1) + (key << j) + (r - ((1 << j) - 1));
+}
+
+// Walk token `tok` through levels [lo, hi) of tree `tree` (all lanes of the warp together, one token per
+// lane group; only a group's first lane writes, and only if `store`). STAGED: the rows of the subtree below
+// node `key` of level lo are in shared memory (sw, sb; key < 0: none); a level where some token of the warp
+// is outside it reads all rows from global memory (the same values, the same sums).
+template <bool STAGED, bool EXACT, typename T, int VEC>
+__device__ __forceinline__ void walk_token(
+    long long tok, bool store, int lane, const T* __restrict__ x, int d_in, const T* __restrict__ w_in,
+    const T* __restrict__ b_in, int has_bias, int n_trees, int depth, int tree, int lo, int hi,
+    int* __restrict__ nodes, T* __restrict__ logits, int key_level, int* __restrict__ keys,
+    int* __restrict__ counts, const T* sw, const T* sb, int key)
+{
+    const int nvec = d_in / VEC;
+    const long long n_nodes = (2LL << depth) - 1;
+    const bool leader = store && (lane & (PYFFF_ROUTE_LANES - 1)) == 0;
+    const T* __restrict__ xt = x + tok * d_in;
+    T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
+    load_x<EXACT>(xt, nvec, lane & (PYFFF_ROUTE_LANES - 1), xr);
+
+    const long long base = (tok * n_trees + tree) * (depth + 1);
+    int* __restrict__ tok_nodes = nodes + base;
+    T* __restrict__ tok_logits = logits + base;
+    int node = (int)start_node(nodes, logits, base, lo);  // nodes < 2**31
+    // local row of the node in the staged subtree (breadth-first, so children of r are 2r + 1 and 2r + 2), or -1
+    int r = STAGED && key >= 0 && node == ((1 << lo) - 1) + key ? 0 : -1;
+    const T* __restrict__ w_tree = w_in + (long long)tree * n_nodes * d_in;
+    const T* __restrict__ b_tree = b_in + (long long)tree * n_nodes;
+    int key_node = 0;
+    for (int level = lo; level < hi; ++level) {
+        T z;
+        if (STAGED && __all_sync(PYFFF_FULL_MASK, r >= 0)) {  // warp-uniform
+            z = group_dot<kShared, EXACT>(sw + (long long)r * d_in, xr, xt, nvec, lane);
+            if (has_bias) {
+                T b[1];
+                ld_shared(sb + r, b);
+                z += b[0];
+            }
+        } else {
+            z = group_dot<kReadOnly, EXACT>(w_tree + (long long)node * d_in, xr, xt, nvec, lane);
+            if (has_bias) z += __ldg(b_tree + node);
+        }
+        if (leader) {
+            tok_nodes[level] = node;
+            tok_logits[level] = z;
+        }
+        if (level == key_level) key_node = node;
+        const int right = z > T(0) ? 1 : 0;  // ties and NaN go left
+        node = 2 * node + 1 + right;
+        if (r >= 0) r = 2 * r + 1 + right;
+    }
+    if (key_level == hi) key_node = node;
+    if (key_level >= 0 && leader) {  // bucket key: the node of key_level, counted from the level's first node
+        const int k = key_node - ((1 << key_level) - 1);
+        if (k >= 0 && k < (1 << key_level)) {
+            keys[tok] = k;
+            atomicAdd(counts + k, 1);
+        }
     }
 }
 
-// Walk levels [lo, hi) of tree `tree` for every token.
+// Walk levels [lo, hi) of tree `tree` for every token, rows read from global memory (L1/L2).
 //
-// Positions p = 0 .. n-1 are split into one contiguous chunk per block, so
-// that the warps of a block handle neighbouring positions: with `order` from
-// fff_bucket_scatter those are tokens of the same subtree, whose rows the
-// block then reads from L1. Token of position p: order[p] if use_order else p.
+// Positions p = 0 .. n-1 are split into one contiguous chunk per block, two
+// neighbouring positions per warp (one per half). Token of position p:
+// order[p] if use_order else p.
 //
 // lo > 0 continues a walk: the start node is the child chosen by the node and
 // logit stored at level lo - 1. key_level in [lo, hi] (or -1: none) names the
 // level whose node becomes the token's bucket key (key_level == hi: the next
 // node to visit); keys[tok] = node - (2**key_level - 1) and counts[key] += 1.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route(
+template <typename T, int VEC, bool EXACT>
+__global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     const T* __restrict__ x,         // IN  (n, d_in)
     const long long n,
     const int d_in,                  // multiple of VEC
@@ -250,53 +371,17 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route(
     int* __restrict__ counts)        // IN/OUT (2**key_level,) histogram of keys
 {
     const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int n_warps = blockDim.x >> 5;
-    const int nvec = d_in / VEC;
-    const int levels = depth + 1;
-    const long long n_nodes = (2LL << depth) - 1;
+    const int slot = threadIdx.x / PYFFF_ROUTE_LANES;  // this lane group's token slot in the block
+    const int n_slots = blockDim.x / PYFFF_ROUTE_LANES;
     const PositionRange range = block_positions(n);
-
-    for (long long p = range.begin + warp; p < range.end; p += n_warps) {  // warp-uniform
+    // warp-uniform loop: a group past the end repeats its neighbour's token without storing
+    for (long long p0 = range.begin + (slot & ~1); p0 < range.end; p0 += n_slots) {
+        const long long p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
         const long long tok = token_at(order, use_order, p, n);
-        if (tok < 0) continue;  // never, for a valid permutation
-        const T* __restrict__ xt = x + tok * d_in;
-        T xr[PYFFF_MAXV][VEC];  // the token's row of x stays in registers for all levels
-        load_x(xt, nvec, lane, xr);
-
-        const long long base = (tok * n_trees + tree) * levels;
-        long long node = start_node(nodes, logits, base, lo);
-        long long key_node = 0;
-        for (int level = lo; level < hi; ++level) {
-            const long long row = (long long)tree * n_nodes + node;
-            T z = warp_dot<kReadOnly>(w_in + row * d_in, xr, xt, nvec, lane);
-            if (has_bias) z += __ldg(b_in + row);
-            if (lane == 0) {
-                nodes[base + level] = (int)node;
-                logits[base + level] = z;
-            }
-            if (level == key_level) key_node = node;
-            node = 2 * node + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
-        }
-        if (key_level == hi) key_node = node;
-        if (key_level >= 0 && lane == 0) store_key(key_node, key_level, tok, keys, counts);
+        if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
+        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees, depth, tree,
+                          lo, hi, nodes, logits, key_level, keys, counts, (const T*)nullptr, (const T*)nullptr, -1);
     }
-}
-
-// Subtrees staged in shared memory. The subtree of levels [lo, hi) below node `key` of level lo (key counted
-// from the level's first node) has 2**(hi - lo) - 1 rows, kept in breadth-first order: local row
-// (2**j - 1) + k is node (2**(lo + j) - 1) + key * 2**j + k of level lo + j. Local row of `node` of `level`,
-// or -1 when the node is not in the subtree.
-__device__ __forceinline__ int subtree_row(long long node, int level, int lo, long long key) {
-    const int j = level - lo;
-    const long long k = node - ((1LL << level) - 1) - (key << j);
-    return (j >= 0 && k >= 0 && k < (1LL << j)) ? (int)(((1LL << j) - 1) + k) : -1;
-}
-
-// Node of local row r of that subtree.
-__device__ __forceinline__ long long subtree_node(int r, int lo, long long key) {
-    const int j = 31 - __clz(r + 1);  // level within the subtree
-    return ((1LL << (lo + j)) - 1) + (key << j) + (r - ((1 << j) - 1));
 }
 
 // The segment of positions [p, end) that a block handles with one staged subtree: tokens sorted by their
@@ -317,8 +402,8 @@ __device__ __forceinline__ long long segment_end(long long p, long long end, lon
 // of level lo), launched with (2**(hi - lo) - 1) * (d_in + 1) * sizeof(T) bytes of dynamic shared memory
 // (rounded up to 16). Same sums in the same order as fff_route: bitwise the same nodes and logits. A token
 // whose node is not in the staged subtree (never, with a consistent sort) reads that row from global memory.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route_staged(
+template <typename T, int VEC, bool EXACT>
+__global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route_staged(
     const T* __restrict__ x, const long long n, const int d_in, const T* __restrict__ w_in,
     const T* __restrict__ b_in, const int has_bias, const int n_trees, const int depth, const int tree,
     const int lo, const int hi, const int* __restrict__ order, const int use_order,
@@ -328,8 +413,8 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route_staged(
 {
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int n_warps = blockDim.x >> 5;
+    const int slot = threadIdx.x / PYFFF_ROUTE_LANES;
+    const int n_slots = blockDim.x / PYFFF_ROUTE_LANES;
     const int nvec = d_in / VEC;
     const int levels = depth + 1;
     const long long n_nodes = (2LL << depth) - 1;
@@ -341,56 +426,31 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_route_staged(
     long long p = range.begin;
     while (p < range.end) {  // block-uniform: one staged subtree per segment
         const long long tok0 = token_at(order, use_order, p, n);
-        const int key = tok0 < 0 ? -1
+        const int k0 = tok0 < 0 ? -1
             : (int)start_node(nodes, logits, (tok0 * n_trees + tree) * levels, lo) - ((1 << lo) - 1);
-        const bool staged = key >= 0 && key < (1 << lo);
+        const int key = k0 >= 0 && k0 < (1 << lo) ? k0 : -1;  // -1: nothing staged
         const long long seg_end = segment_end(p, range.end, key, lo, starts, use_order);
         __syncthreads();  // the previous segment's rows are no longer read
-        if (staged) {
-            const int total = rows * nvec;  // fits: the rows fit in shared memory
-            #pragma unroll 4
-            for (int i = threadIdx.x; i < total; i += blockDim.x) {
-                const int r = i / nvec;
-                const long long row = (long long)tree * n_nodes + subtree_node(r, lo, key);
-                copy_vec<T, VEC>(sw + (long long)i * VEC, w_in + row * d_in + (long long)(i - r * nvec) * VEC);
+        if (key >= 0) {
+            for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {  // a warp per row
+                const T* __restrict__ src = w_in + ((long long)tree * n_nodes + subtree_node(r, lo, key)) * d_in;
+                for (int c = lane; c < nvec; c += 32) copy_vec<T, VEC>(sw + (long long)r * d_in + c * VEC, src + c * VEC);
             }
             if (has_bias) {
                 for (int r = threadIdx.x; r < rows; r += blockDim.x)
                     sb[r] = __ldg(b_in + (long long)tree * n_nodes + subtree_node(r, lo, key));
             }
+            copies_done();
         }
         __syncthreads();
 
-        for (long long q = p + warp; q < seg_end; q += n_warps) {  // warp-uniform
+        // warp-uniform loop: a group past the segment's end repeats its neighbour's token without storing
+        for (long long q0 = p + (slot & ~1); q0 < seg_end; q0 += n_slots) {
+            const long long q = q0 + (slot & 1) < seg_end ? q0 + (slot & 1) : q0;
             const long long tok = token_at(order, use_order, q, n);
-            if (tok < 0) continue;
-            const T* __restrict__ xt = x + tok * d_in;
-            T xr[PYFFF_MAXV][VEC];
-            load_x(xt, nvec, lane, xr);
-
-            const long long base = (tok * n_trees + tree) * levels;
-            int node = (int)start_node(nodes, logits, base, lo);  // nodes < 2**31
-            int key_node = 0;
-            for (int level = lo; level < hi; ++level) {
-                const long long row = (long long)tree * n_nodes + node;
-                const int r = staged ? subtree_row(node, level, lo, key) : -1;
-                T z;
-                if (r >= 0) {  // warp-uniform
-                    z = warp_dot<kShared>(sw + (long long)r * d_in, xr, xt, nvec, lane);
-                    if (has_bias) z += sb[r];
-                } else {
-                    z = warp_dot<kReadOnly>(w_in + row * d_in, xr, xt, nvec, lane);
-                    if (has_bias) z += __ldg(b_in + row);
-                }
-                if (lane == 0) {
-                    nodes[base + level] = (int)node;
-                    logits[base + level] = z;
-                }
-                if (level == key_level) key_node = node;
-                node = 2 * node + 1 + (z > T(0) ? 1 : 0);  // ties and NaN go left
-            }
-            if (key_level == hi) key_node = node;
-            if (key_level >= 0 && lane == 0) store_key(key_node, key_level, tok, keys, counts);
+            if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
+            walk_token<true, EXACT, T, VEC>(tok, q == q0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees, depth, tree,
+                             lo, hi, nodes, logits, key_level, keys, counts, (const T*)sw, (const T*)sb, key);
         }
         p = seg_end;
     }
@@ -561,6 +621,96 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     }
 }
 
+// One warp's TPW tokens of fff_output_staged (below): y[tok, slice] = sum over levels l of
+// act(logit[tok, l]) * w_out[node[tok, l], slice], in level order. FULL: the slice has 32 * SJ vectors (no
+// bounds checks). A term's row comes from shared memory where it is staged (row l for an ancestor level
+// l < s, s + the subtree row below), else from global memory; a row that a token shares with the token
+// before it is loaded once.
+template <bool FULL, typename T, int VEC, int SJ, int TPW>
+__device__ __forceinline__ void output_tokens(
+    const int (&tok)[TPW], const int* __restrict__ nodes, const T* __restrict__ logits, int levels, int act,
+    const T* __restrict__ w_out, int d_out, const T* sw, int stride, int s, int key, bool staged, int v0, int sv,
+    int lane, T* __restrict__ y)
+{
+    const int key_node = ((1 << s) - 1) + key;
+    int node_l[TPW];  // lane l: the token's node, its staged row (or -1) and activation of term l
+    int row_l[TPW];
+    T a_l[TPW];
+    bool all_staged = true;
+    #pragma unroll
+    for (int t = 0; t < TPW; ++t) {
+        node_l[t] = 0;
+        row_l[t] = 0;
+        a_l[t] = T(0);
+        if (tok[t] >= 0 && lane < levels) {
+            const int nd = __ldg(nodes + (long long)tok[t] * levels + lane);
+            int r = -1;
+            if (staged) {
+                if (lane < s) r = nd == ((key_node + 1) >> (s - lane)) - 1 ? lane : -1;
+                else {
+                    const int k = subtree_row(nd, lane, s, key);
+                    r = k >= 0 ? s + k : -1;
+                }
+            }
+            node_l[t] = nd;
+            row_l[t] = r;
+            a_l[t] = activation(__ldg(logits + (long long)tok[t] * levels + lane), act);
+            all_staged = all_staged && r >= 0;
+        }
+    }
+    T acc[TPW][SJ][VEC];
+    #pragma unroll
+    for (int t = 0; t < TPW; ++t) {
+        #pragma unroll
+        for (int j = 0; j < SJ; ++j) {
+            #pragma unroll
+            for (int c = 0; c < VEC; ++c) acc[t][j][c] = T(0);
+        }
+    }
+    // Rows from shared memory when every term of the warp's tokens is staged (always, with a consistent sort),
+    // else all from global memory; either way one shuffle names a term's row (staged row or node).
+    const bool from_smem = __all_sync(PYFFF_FULL_MASK, all_staged);
+    const T* __restrict__ sw_lane = sw + lane * VEC;
+    const T* __restrict__ g_lane = w_out + (long long)(v0 + lane) * VEC;
+    for (int l = 0; l < levels; ++l) {
+        T w[SJ][VEC];
+        int held = -1;  // row whose slice is in w
+        #pragma unroll
+        for (int t = 0; t < TPW; ++t) {
+            const int row = __shfl_sync(PYFFF_FULL_MASK, from_smem ? row_l[t] : node_l[t], l);
+            const T ak = __shfl_sync(PYFFF_FULL_MASK, a_l[t], l);
+            if (tok[t] < 0) continue;  // warp-uniform
+            if (row != held) {         // warp-uniform: a row shared with the token before is loaded once
+                if (from_smem) {
+                    const T* __restrict__ src = sw_lane + row * stride;
+                    #pragma unroll
+                    for (int j = 0; j < SJ; ++j)
+                        if (FULL || lane + 32 * j < sv) load_vec<kShared>(src + 32 * j * VEC, w[j]);
+                } else {
+                    const T* __restrict__ src = g_lane + (long long)row * d_out;
+                    #pragma unroll
+                    for (int j = 0; j < SJ; ++j)
+                        if (FULL || lane + 32 * j < sv) load_vec<kReadOnly>(src + 32 * j * VEC, w[j]);
+                }
+                held = row;
+            }
+            #pragma unroll
+            for (int j = 0; j < SJ; ++j) {
+                #pragma unroll
+                for (int c = 0; c < VEC; ++c) acc[t][j][c] = fma(ak, w[j][c], acc[t][j][c]);
+            }
+        }
+    }
+    #pragma unroll
+    for (int t = 0; t < TPW; ++t) {
+        if (tok[t] < 0) continue;
+        T* __restrict__ yt = y + (long long)tok[t] * d_out + (long long)(v0 + lane) * VEC;
+        #pragma unroll
+        for (int j = 0; j < SJ; ++j)
+            if (FULL || lane + 32 * j < sv) store_vec<T, VEC>(yt + 32 * j * VEC, acc[t][j]);
+    }
+}
+
 // fff_output for a one-tree layer with the weight rows staged in shared memory, per segment and column slice.
 //
 // Positions are sorted by the token's node of level key_level (`order` and `starts` from
@@ -574,7 +724,7 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
 // slice (slice_vecs <= 32 * SJ). Same sums in the same order as fff_output: bitwise the same y. A node
 // outside the staged rows (never, with a consistent sort) is read from global memory.
 template <typename T, int VEC, int SJ, int TPW>
-__global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK, TPW <= 2 ? 2 : 1) fff_output_staged(
+__global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output_staged(
     const int* __restrict__ nodes,   // IN  (n, 1, depth + 1)
     const T* __restrict__ logits,    // IN  (n, 1, depth + 1)
     const long long n,
@@ -607,88 +757,31 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK, TPW <= 2 ? 2 : 1) fff_
     long long p = range.begin;
     while (p < range.end) {  // block-uniform: one set of staged rows per segment
         const long long tok0 = token_at(order, use_order, p, n);
-        const int key = tok0 < 0 ? -1 : nodes[tok0 * levels + s] - ((1 << s) - 1);  // nodes < 2**31
-        const bool staged = key >= 0 && key < (1 << s);
-        const int key_node = ((1 << s) - 1) + key;
+        const int k0 = tok0 < 0 ? -1 : nodes[tok0 * levels + s] - ((1 << s) - 1);  // nodes < 2**31
+        const int key = k0 >= 0 && k0 < (1 << s) ? k0 : -1;  // -1: nothing staged
         const long long seg_end = segment_end(p, range.end, key, s, starts, use_order);
         __syncthreads();  // the previous segment's rows are no longer read
-        if (staged) {
-            const int total = rows * sv;
-            #pragma unroll 4
-            for (int i = threadIdx.x; i < total; i += blockDim.x) {
-                const int r = i / sv;
-                const int c = i - r * sv;
+        if (key >= 0) {
+            const int key_node = ((1 << s) - 1) + key;
+            for (int r = warp; r < rows; r += n_warps) {  // a warp per row
                 const long long node = r < s ? ((key_node + 1) >> (s - r)) - 1 : subtree_node(r - s, s, key);
-                copy_vec<T, VEC>(sw + r * stride + c * VEC, w_out + node * d_out + (long long)(v0 + c) * VEC);
+                const T* __restrict__ src = w_out + node * d_out + (long long)v0 * VEC;
+                for (int c = lane; c < sv; c += 32) copy_vec<T, VEC>(sw + r * stride + c * VEC, src + c * VEC);
             }
+            copies_done();
         }
         __syncthreads();
 
         for (long long q = p + (long long)warp * TPW; q < seg_end; q += (long long)n_warps * TPW) {  // warp-uniform
-            int tok[TPW];     // < n <= 2**31 - 1
-            int node_l[TPW];  // lane l: the token's node and activation of term l
-            T a_l[TPW];
+            int tok[TPW];  // < n <= 2**31 - 1; -1: none
             #pragma unroll
-            for (int t = 0; t < TPW; ++t) {
-                tok[t] = q + t < seg_end ? (int)token_at(order, use_order, q + t, n) : -1;
-                node_l[t] = 0;
-                a_l[t] = T(0);
-                if (tok[t] >= 0 && lane < levels) {
-                    node_l[t] = __ldg(nodes + (long long)tok[t] * levels + lane);
-                    a_l[t] = activation(__ldg(logits + (long long)tok[t] * levels + lane), act);
-                }
-            }
-            T acc[TPW][SJ][VEC];
-            #pragma unroll
-            for (int t = 0; t < TPW; ++t) {
-                #pragma unroll
-                for (int j = 0; j < SJ; ++j) {
-                    #pragma unroll
-                    for (int c = 0; c < VEC; ++c) acc[t][j][c] = T(0);
-                }
-            }
-            for (int l = 0; l < levels; ++l) {
-                T w[SJ][VEC];
-                int held = -1;  // node whose row slice is in w
-                #pragma unroll
-                for (int t = 0; t < TPW; ++t) {
-                    const int nd = __shfl_sync(PYFFF_FULL_MASK, node_l[t], l);
-                    const T ak = __shfl_sync(PYFFF_FULL_MASK, a_l[t], l);
-                    if (tok[t] < 0) continue;  // warp-uniform
-                    if (nd != held) {          // warp-uniform
-                        int r = -1;  // staged row of nd
-                        if (staged && l < s) {
-                            if (nd == ((key_node + 1) >> (s - l)) - 1) r = l;
-                        } else if (staged) {
-                            const int k = subtree_row(nd, l, s, key);
-                            if (k >= 0) r = s + k;
-                        }
-                        #pragma unroll
-                        for (int j = 0; j < SJ; ++j) {
-                            const int c = lane + 32 * j;
-                            if (c < sv) {
-                                if (r >= 0) load_vec<kShared>(sw + r * stride + c * VEC, w[j]);
-                                else load_vec<kReadOnly>(w_out + (long long)nd * d_out + (long long)(v0 + c) * VEC, w[j]);
-                            }
-                        }
-                        held = nd;
-                    }
-                    #pragma unroll
-                    for (int j = 0; j < SJ; ++j) {
-                        #pragma unroll
-                        for (int c = 0; c < VEC; ++c) acc[t][j][c] = fma(ak, w[j][c], acc[t][j][c]);
-                    }
-                }
-            }
-            #pragma unroll
-            for (int t = 0; t < TPW; ++t) {
-                if (tok[t] < 0) continue;
-                T* __restrict__ yt = y + (long long)tok[t] * d_out + (long long)v0 * VEC;
-                #pragma unroll
-                for (int j = 0; j < SJ; ++j) {
-                    const int c = lane + 32 * j;
-                    if (c < sv) store_vec<T, VEC>(yt + c * VEC, acc[t][j]);
-                }
+            for (int t = 0; t < TPW; ++t) tok[t] = q + t < seg_end ? (int)token_at(order, use_order, q + t, n) : -1;
+            if (sv == 32 * SJ) {
+                output_tokens<true, T, VEC, SJ, TPW>(tok, nodes, logits, levels, act, w_out, d_out, sw, stride, s,
+                                                     key, key >= 0, v0, sv, lane, y);
+            } else {
+                output_tokens<false, T, VEC, SJ, TPW>(tok, nodes, logits, levels, act, w_out, d_out, sw, stride, s,
+                                                      key, key >= 0, v0, sv, lane, y);
             }
         }
         p = seg_end;
