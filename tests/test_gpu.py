@@ -292,7 +292,7 @@ def test_different_widths(dtype, d_in, d_out):
 @pytest.mark.parametrize("depth", range(13))
 def test_depths(depth):
     cpu, gpu = make_layer(20, 12, depth=depth, seed=depth)
-    x = make_x(1500, 20)  # above the sorting threshold: the default schedule sorts
+    x = make_x(1500, 20)
     y = gpu(x)
     check_layer(cpu, x, y, gpu.routes(x))
 

@@ -5,20 +5,26 @@ Contract: same constructor, validation, routing rule, routes and dtypes
 validation; the result is a CuPy array for a CuPy input and a NumPy array
 for anything else (copied to the device and back).
 
-How a forward pass runs (kernels in ``kernels/fff.cu``): for each tree,
-``fff_route`` walks every token's path (one warp per token, the token's row
-of x in registers, 16-byte row loads, a shuffle reduction per level) and
-stores the visited nodes and logits; then ``fff_output`` forms
+How a forward pass runs (kernels in ``kernels/fff.cu``). Batch order (the
+default below ``_SMEM_MIN_TOKENS`` tokens): for each tree, ``fff_route`` walks
+every token's path (half a warp per token, the token's row of x in registers,
+16-byte row loads through L1/L2, a shuffle reduction per level) and stores the
+visited nodes and logits; then ``fff_output`` forms
 ``y = sum act(logit) * w_out[row]`` for all trees at once, one warp per token,
-writing each row of y once. Launches are prepared once per (batch size,
-schedule, stream) in a :class:`_Plan` with cached workspaces and enqueued
-through ``cuLaunchKernel``.
+writing each row of y once. The staged schedule (the default from
+``_SMEM_MIN_TOKENS`` tokens on): the levels are split into stages whose
+subtrees fit in shared memory (two stages of six levels at width 768, float32);
+``fff_route_staged`` stages each block's subtree rows in shared memory and
+walks its tokens through them; between stages ``fff_bucket_scatter`` sorts the
+tokens by the node where the next stage starts; ``fff_output_staged`` then forms
+y in that order, with the segment's ancestor and subtree rows of w_out staged.
+Every schedule gives bitwise the same results. Launches are prepared once per
+(batch size, schedule, stream) in a :class:`_Plan` with cached workspaces and
+enqueued through ``cuLaunchKernel``.
 
-Optional schedules (``_run(splits=..., sort_output=...)``, tested, not the
-default because they measured slower on the H100, see docs/gpu.md) re-sort the
-tokens between route stages by the node of a middle level and/or by their leaf
-(``fff_bucket_scatter``, a counting sort), so that neighbouring warps share
-weight rows.
+Other schedules (``_run(splits=..., sort_output=..., smem=...)``, all tested)
+re-sort the tokens between unstaged route stages and/or by their leaf; they
+measured slower on the H100 (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -39,15 +45,16 @@ _SCATTER_TOKENS = 256 * 2  # PYFFF_SCATTER_THREADS * PYFFF_SCATTER_ITEMS
 _MAX_KEY_LEVEL = 12  # PYFFF_MAX_BUCKETS = 2**12
 _INT32_MAX = 2**31 - 1
 
-# Schedule default (docs/gpu.md has the measurements behind it): no re-sorting. On the H100, at width 768 and
-# depth 11, the sorted schedules (re-sort at level 6 and/or by leaf) raised L1 hit rates but were 3-15 % slower
-# than batch order at batch 16384 and slower still at 2048 and 1: the extra route stage, sort and re-read of x
-# cost more than the better L1 hit rates saved. They stay selectable through _run(splits=..., sort_output=...)
-# and are tested.
+# Schedule default below _SMEM_MIN_TOKENS (docs/gpu.md has the measurements behind it): batch order, no
+# re-sorting. The unstaged sorted schedules (re-sort at level 6 and/or by leaf) raised L1 hit rates but were
+# slower than batch order on the H100; they stay selectable through _run(splits=..., sort_output=...) and are
+# tested.
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
-# From this batch size on, the default is the staged schedule (weight rows staged in shared memory).
-_SMEM_MIN_TOKENS = 1024
+# From this batch size on, the default is the staged schedule (weight rows staged in shared memory). On the
+# H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py): staged 56 / 84 / 122 us against batch order
+# 44 / 78 / 133 us at batch 4096 / 8192 / 16384, so the two cross near 11,000 tokens.
+_SMEM_MIN_TOKENS = 12288
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768: one), and
 # tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of fff_output_staged.
 _VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6}

@@ -2,28 +2,38 @@
 //
 // Loaded by pyfff/gpu/_loader.py with cupy.RawModule (NVRTC, C++17); the
 // templates are instantiated through name expressions, one per dtype and
-// vector width:
+// vector width (and the variants named below):
 //
-//   fff_route<T, VEC>    one warp per token walks levels [lo, hi) of one tree,
-//                        stores the visited node and its logit per level and,
-//                        optionally, the token's bucket key.
-//   fff_bucket_scatter   counting sort of the tokens by that key (extern "C").
-//   fff_output<T, VEC>   one warp per token: y = sum over trees and levels of
-//                        act(logit) * w_out[row], written once.
+//   fff_route<T, VEC, EXACT>         half a warp per token walks levels [lo, hi)
+//                                    of one tree, rows through L1/L2; stores the
+//                                    visited node and its logit per level and,
+//                                    optionally, the token's bucket key.
+//   fff_route_staged<T, VEC, EXACT>  the same walk with each block's subtree of
+//                                    levels [lo, hi) staged in shared memory.
+//   fff_bucket_scatter               counting sort of the tokens by that key, and
+//                                    where each bucket starts (extern "C").
+//   fff_output<T, VEC>               one warp per token: y = sum over trees and
+//                                    levels of act(logit) * w_out[row].
+//   fff_output_staged<T, VEC, SJ, TPW>  one tree; the rows of w_out that a
+//                                    segment of sorted tokens uses staged in
+//                                    shared memory, per column slice.
 //
 // T is float or double; VEC is the number of T per load (16 bytes: 4 floats or
 // 2 doubles, or 1 when a width or a pointer does not allow 16-byte loads; the
-// host picks). The default pipeline is fff_route (all levels, batch order) then
-// fff_output. Optionally the host re-sorts tokens between route stages with
-// fff_bucket_scatter (by the node of a middle level, then by leaf) so that the
-// warps of a block read the same rows one after the other; on the H100 that
-// raised L1 hit rates but did not pay for the extra passes (docs/gpu.md).
+// host picks). EXACT: a row is exactly the 192 vectors the lanes of a token keep
+// in registers (768 floats), so no bounds checks. Pipelines (pyfff/gpu/_fff.py):
+// batch order = fff_route then fff_output; staged = fff_route_staged per stage,
+// fff_bucket_scatter between stages, then fff_output_staged. All give bitwise the
+// same nodes, logits and y: every route kernel sums a dot product in the same
+// order, every output kernel a token's terms in level order.
 //
 // Guarantees: every write is behind a bounds check on its index; indices into
 // x, y and the weight matrices are 64-bit; the routing rule is the library's
 // (go right iff logit > 0: a logit of 0 or NaN goes left); the dot product of
-// a token is reduced by a warp-shuffle butterfly whose result is broadcast
-// from lane 0, so all lanes take the same branch.
+// a token is reduced by a shuffle butterfly whose result is broadcast from the
+// group's first lane, so all its lanes take the same branch; a staged kernel
+// reads a row from global memory whenever it is not in its staged rows (never,
+// with a consistent sort), so a wrong order costs speed, not correctness.
 
 #define PYFFF_FULL_MASK 0xffffffffu
 
