@@ -142,11 +142,11 @@ def _output(grid, block, args):
 
 
 def _output_staged(grid, block, args):
-    nodes, logits, n, d_out, w_out, depth, act, order, use_order, starts, key_level, slice_vecs, y = args
-    assert 1 <= slice_vecs and depth + 1 <= 32
+    nodes, logits, n, d_out, w_out, depth, act, order, use_order, starts, key_level, shift, slice_vecs, y = args
+    assert 1 <= slice_vecs and depth + 1 <= 32 and shift >= 0 and key_level + shift <= depth
     if use_order:
-        _check_sorted(starts, order, int(n), key_level,
-                      lambda tok: int(nodes[tok * (depth + 1) + key_level]) - (2**key_level - 1))
+        level = key_level + shift
+        _check_sorted(starts, order, int(n), level, lambda tok: int(nodes[tok * (depth + 1) + level]) - (2**level - 1))
     else:
         assert key_level == 0
     _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, use_order, y))

@@ -21,7 +21,11 @@ from pyfff.gpu import _fff
 REPEATS = 30
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
-    "staged,1-token-warps": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tpw": 1}},
+    "staged,leaf-output": {"splits": "staged", "sort_output": True, "smem": True},
+    "staged,leaf-output,4-token-warps": {"splits": "staged", "sort_output": True, "smem": True,
+                                         "variant": {"out_tpw": 4, "out_sj": 3}},
+    "staged,leaf-output,4-token-warps,full-rows": {"splits": "staged", "sort_output": True, "smem": True,
+                                                   "variant": {"out_tpw": 4}},
     "direct": {"splits": (), "sort_output": False, "smem": False},
 }
 
@@ -47,20 +51,32 @@ def stage_times(layer, x, kwargs):
              launch.block, launch.smem, t) for launch, t in zip(plan.launches, best)]
 
 
-def use_full_warp_route():
-    """PYFFF_DEV_ROUTE_LANES=32: compile the route kernels with one token per warp (an experiment; the results
-    differ in the last bits from the default's half-warp sums)."""
+def route_variant(lanes=16, block=512):
+    """Compile the route kernels with `lanes` lanes per token and `block`-thread staged blocks (an experiment:
+    PYFFF_DEV_ROUTE=lanes,block, e.g. 32,1024; 32 lanes change the last bits of the sums)."""
     from pyfff.gpu import _loader
 
-    _loader._OPTIONS = _loader._OPTIONS + ("-DPYFFF_ROUTE_LANES=32", "-DPYFFF_ROUTE_MAX_BLOCK=1024")
-    _fff._STAGED_ROUTE_BLOCK = 1024
-    _fff._ROUTE_TOKENS_PER_WARP = 1
+    _loader._OPTIONS = _loader._OPTIONS + (f"-DPYFFF_ROUTE_LANES={lanes}", f"-DPYFFF_ROUTE_MAX_BLOCK={block}")
+    _fff._STAGED_ROUTE_BLOCK = block
+    _fff._ROUTE_TOKENS_PER_WARP = 32 // lanes
+
+
+def check(layer, cpu, x):
+    """Route agreement and output error of the default staged schedule against the CPU layer."""
+    y, (nodes, _) = layer._run(x, want_output=True, splits="staged", smem=True)
+    xh = cp.asnumpy(x)
+    same = float(np.mean((cp.asnumpy(nodes) == cpu.routes(xh)).all(axis=(1, 2))))
+    y_cpu = cpu(xh)
+    err = float(np.abs(cp.asnumpy(y) - y_cpu).max() / np.abs(y_cpu).max())
+    print(f"check: routes equal to the CPU layer's for {same:.4%} of tokens, max rel error {err:.2e}")
 
 
 def main(batches):
-    layer = pyfff.gpu.FFF.from_cpu(pyfff.FFF.random(768, 768, 11, seed=0))
+    cpu = pyfff.FFF.random(768, 768, 11, seed=0)
+    layer = pyfff.gpu.FFF.from_cpu(cpu)
     for batch in batches:
         x = cp.asarray(np.random.default_rng(batch).standard_normal((batch, 768), dtype=np.float32))
+        check(layer, cpu, x)
         for name, kwargs in SCHEDULES.items():
             rows = stage_times(layer, x, kwargs)
             print(f"batch {batch} {name}: total {sum(r[-1] for r in rows):.1f} us")
@@ -72,6 +88,6 @@ def main(batches):
 if __name__ == "__main__":
     import os
 
-    if os.environ.get("PYFFF_DEV_ROUTE_LANES") == "32":
-        use_full_warp_route()
+    if os.environ.get("PYFFF_DEV_ROUTE"):
+        route_variant(*(int(v) for v in os.environ["PYFFF_DEV_ROUTE"].split(",")))
     main([int(a) for a in sys.argv[1:]] or [2048, 16384])

@@ -250,11 +250,15 @@ class _Plan:
                         order = perm
             if smem and not sort_output and order is not None:  # the output follows the last route sort
                 out_order, out_starts, out_key_level = order, starts, bounds[-2]
+        out_shift = 0
+        if smem and sort_output and len(bounds) > 2 and layer.n_trees == 1:
+            # leaf order is also sorted by the last split's node: stage that subtree, neighbours share rows
+            out_shift, out_key_level = out_key_level - bounds[-2], bounds[-2]
         if want_output:
             self.launches.append(self._output_launch(layer, n, smem, variant, out_order, out_starts,
-                                                     out_key_level))
+                                                     out_key_level, out_shift))
 
-    def _output_launch(self, layer, n, smem, variant, order, starts, key_level):
+    def _output_launch(self, layer, n, smem, variant, order, starts, key_level, shift=0):
         """The launch that forms y: fff_output_staged where it applies (one tree, its rows fit), else fff_output."""
         i32, i64 = ctypes.c_int32, ctypes.c_int64
         dev = layer.device_id
@@ -276,7 +280,7 @@ class _Plan:
                     _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
                     i32(layer.depth), i32(layer._act), _ptr(dummy if order is None else order),
                     i32(order is not None), _ptr(dummy if starts is None else starts), i32(key_level),
-                    i32(width), self.y_arg], grid_y=n_slices, smem=nbytes)
+                    i32(shift), i32(width), self.y_arg], grid_y=n_slices, smem=nbytes)
         g_block = variant["out_block"]
         output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>", dev)
         return _Launch(output, _grid(output, g_block, n, dev), g_block, [

@@ -396,13 +396,15 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
 
 // The segment of positions [p, end) that a block handles with one staged subtree: tokens sorted by their
 // node of level `level` (order from fff_bucket_scatter, whose bucket b holds positions
-// [starts[b], starts[b + 1])) share it up to the end of the bucket. Without a sort (use_order == 0) only
-// level 0 is shared by all; deeper, a segment is one position. Always at least one position.
+// [starts[b], starts[b + 1])) share it up to the end of the bucket. A sort by the node of a deeper level
+// (level + shift: the leaf, say) is a finer one whose buckets b << shift .. ((b + 1) << shift) - 1 make up
+// bucket b. Without a sort (use_order == 0) only level 0 is shared by all; deeper, a segment is one position.
+// Always at least one position.
 __device__ __forceinline__ long long segment_end(long long p, long long end, long long key, int level,
-                                                 const int* __restrict__ starts, int use_order) {
+                                                 const int* __restrict__ starts, int use_order, int shift = 0) {
     long long e = p + 1;
     if (level == 0) e = end;
-    else if (use_order && key >= 0 && key < (1LL << level)) e = min(end, (long long)starts[key + 1]);
+    else if (use_order && key >= 0 && key < (1LL << level)) e = min(end, (long long)starts[(key + 1) << shift]);
     return max(e, p + 1);
 }
 
@@ -723,8 +725,9 @@ __device__ __forceinline__ void output_tokens(
 
 // fff_output for a one-tree layer with the weight rows staged in shared memory, per segment and column slice.
 //
-// Positions are sorted by the token's node of level key_level (`order` and `starts` from
-// fff_bucket_scatter; key_level 0: any order, one segment per block). The tokens of a segment share their
+// Positions are sorted by the token's node of level key_level, or of a deeper level (the leaf: then
+// neighbouring tokens share most rows) (`order` and `starts` from fff_bucket_scatter; key_level 0: any
+// order, one segment per block). The tokens of a segment share their
 // nodes of levels 0 .. key_level (the key node and its ancestors), and their deeper nodes lie in the key
 // node's subtree. For its slice of the columns (blockIdx.y: vectors [v0, v0 + slice_vecs) of each row) the
 // block stages the key_level ancestor rows, then the 2**(depth + 1 - key_level) - 1 rows of the subtree in
@@ -744,8 +747,9 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
     const int act,
     const int* __restrict__ order,   // IN  (n,), read only if use_order
     const int use_order,
-    const int* __restrict__ starts,  // IN  (2**key_level + 1,) bucket starts of `order`, read only if use_order
+    const int* __restrict__ starts,  // IN  (2**(key_level + starts_shift) + 1,) bucket starts of `order`
     const int key_level,
+    const int starts_shift,          // `order` sorted by the node of level key_level + starts_shift (>= 0)
     const int slice_vecs,            // vectors per column slice, 1 .. 32 * SJ
     T* __restrict__ y)               // OUT (n, d_out)
 {
@@ -769,7 +773,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
         const long long tok0 = token_at(order, use_order, p, n);
         const int k0 = tok0 < 0 ? -1 : nodes[tok0 * levels + s] - ((1 << s) - 1);  // nodes < 2**31
         const int key = k0 >= 0 && k0 < (1 << s) ? k0 : -1;  // -1: nothing staged
-        const long long seg_end = segment_end(p, range.end, key, s, starts, use_order);
+        const long long seg_end = segment_end(p, range.end, key, s, starts, use_order, starts_shift);
         __syncthreads();  // the previous segment's rows are no longer read
         if (key >= 0) {
             const int key_node = ((1 << s) - 1) + key;
