@@ -28,8 +28,8 @@ STEPS = 4096
 ROWS = 32  # rows staged per block (96 KB), indexed by the walk
 SOURCE = r"""
 #define XV 12
-extern "C" __global__ void __launch_bounds__(768) level_step(const float* __restrict__ rows_g, float* __restrict__ out, int steps, int mode,
-                                      long long* __restrict__ clocks)
+extern "C" __global__ void __launch_bounds__(768) level_step(const float* __restrict__ rows_g,
+    float* __restrict__ out, int steps, int mode, long long* __restrict__ clocks)
 {
     extern __shared__ __align__(16) float4 sm[];  // (ROWS, 192) float4
     const int tid = threadIdx.x, lane = tid & 31, g = lane & 15;
@@ -37,7 +37,8 @@ extern "C" __global__ void __launch_bounds__(768) level_step(const float* __rest
     __syncthreads();
     float4 x[XV];
     #pragma unroll
-    for (int j = 0; j < XV; ++j) x[j] = reinterpret_cast<const float4*>(rows_g)[(tid * 7 + 16 * j + g) %% (%(rows)d * 192)];
+    for (int j = 0; j < XV; ++j)
+        x[j] = reinterpret_cast<const float4*>(rows_g)[(tid * 7 + 16 * j + g) %% (%(rows)d * 192)];
     int r = (tid >> 4) & (%(rows)d - 1);
     float keep = 0.0f;
     const long long t0 = clock64();
@@ -82,7 +83,8 @@ def main():
     rows = cp.asarray(np.random.default_rng(0).standard_normal(ROWS * 768).astype(np.float32))
     print(f"# {cp.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, {n_sm} SMs, {STEPS} steps per warp, "
           f"rows of 768 floats in shared memory, half a warp per token")
-    print("| variant | warps/SM | ns per step per SM | cycles per step per SM | B/clk from smem | warp-steps in flight |")
+    print("| variant | warps/SM | ns per step per SM | cycles per step per SM | B/clk from smem | "
+          "token-steps in flight |")
     print("|---|---|---|---|---|---|")
     for name, mode in MODES.items():
         for warps in (4, 8, 16, 24):

@@ -55,8 +55,9 @@ _DEFAULT_SORT_OUTPUT = False
 # H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py): staged 56 / 84 / 122 us against batch order
 # 44 / 78 / 133 us at batch 4096 / 8192 / 16384, so the two cross near 11,000 tokens.
 _SMEM_MIN_TOKENS = 12288
-# Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768: one), and
-# tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of fff_output_staged.
+# Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
+# one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
+# fff_output_staged.
 _VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6}
 _VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6)}
 _STAGED_ROUTE_BLOCK = 512  # fff_route_staged: one block per SM (its subtree fills most of the shared memory)
@@ -231,9 +232,8 @@ class _Plan:
                 stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
                 if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or order is not None):
                     args.append(_ptr(dummy if starts is None else starts))
-                    self.launches.append(_Launch(
-                        staged_route, _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes),
-                        _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
+                    grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes)
+                    self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
                     self.launches.append(_Launch(route, route_grid, r_block, args))
                 if key_level >= 0:

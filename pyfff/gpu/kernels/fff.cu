@@ -389,8 +389,9 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
         const long long p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
         const long long tok = token_at(order, use_order, p, n);
         if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
-        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees, depth, tree,
-                          lo, hi, nodes, logits, key_level, keys, counts, (const T*)nullptr, (const T*)nullptr, -1);
+        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees,
+                                         depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
+                                         (const T*)nullptr, (const T*)nullptr, -1);
     }
 }
 
@@ -446,7 +447,8 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route_staged(
         if (key >= 0) {
             for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {  // a warp per row
                 const T* __restrict__ src = w_in + ((long long)tree * n_nodes + subtree_node(r, lo, key)) * d_in;
-                for (int c = lane; c < nvec; c += 32) copy_vec<T, VEC>(sw + (long long)r * d_in + c * VEC, src + c * VEC);
+                for (int c = lane; c < nvec; c += 32)
+                    copy_vec<T, VEC>(sw + (long long)r * d_in + c * VEC, src + c * VEC);
             }
             if (has_bias) {
                 for (int r = threadIdx.x; r < rows; r += blockDim.x)
@@ -461,8 +463,9 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route_staged(
             const long long q = q0 + (slot & 1) < seg_end ? q0 + (slot & 1) : q0;
             const long long tok = token_at(order, use_order, q, n);
             if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
-            walk_token<true, EXACT, T, VEC>(tok, q == q0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees, depth, tree,
-                             lo, hi, nodes, logits, key_level, keys, counts, (const T*)sw, (const T*)sb, key);
+            walk_token<true, EXACT, T, VEC>(tok, q == q0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees,
+                                            depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
+                                            (const T*)sw, (const T*)sb, key);
         }
         p = seg_end;
     }
@@ -517,7 +520,7 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
         run += counts[b];
         local[b] = 0;
     }
-    if (blockIdx.x == 0 && tid == PYFFF_SCATTER_THREADS - 1) starts[nb] = run;  // the last thread's run ends at the total
+    if (blockIdx.x == 0 && tid == PYFFF_SCATTER_THREADS - 1) starts[nb] = run;  // the last run ends at the total
     __syncthreads();
 
     // 2. rank of each of this block's tokens inside its bucket, among this block's tokens
