@@ -358,6 +358,7 @@ class FFF:
         self._ctype = _CTYPES[self.dtype]
         self._dummy = cp.zeros(1, dtype=cp.int32)
         self._plans = OrderedDict()
+        self._splits_staged = None  # _staged_splits, once known
 
     def to_cpu(self):
         """A :class:`pyfff.FFF` with these weights copied to the host."""
@@ -449,7 +450,12 @@ class FFF:
 
     def _staged_splits(self):
         """Route stage boundaries for the staged schedule: as few stages as fit in shared memory, of about
-        equal depth (each boundary costs a sort and a second read of x)."""
+        equal depth (each boundary costs a sort and a second read of x). Computed once per layer."""
+        if self._splits_staged is None:
+            self._splits_staged = self._fit_staged_splits()
+        return self._splits_staged
+
+    def _fit_staged_splits(self):
         levels = self.depth + 1
         optin = _smem_optin(self.device_id)
         fit = max(k for k in range(levels + 1) if k == 0 or _subtree_bytes(k, self.d_in, self.dtype.itemsize) <= optin)

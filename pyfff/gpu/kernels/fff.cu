@@ -284,6 +284,9 @@ __device__ __forceinline__ int subtree_row(int node, int level, int lo, int key)
     return (j >= 0 && k >= 0 && k < (1 << j)) ? ((1 << j) - 1) + k : -1;
 }
 
+// The ancestor at level l of `node` of level `level` (l <= level).
+__device__ __forceinline__ int ancestor(int node, int level, int l) { return ((node + 1) >> (level - l)) - 1; }
+
 // Node of local row r of that subtree.
 __device__ __forceinline__ int subtree_node(int r, int lo, int key) {
     const int j = 31 - __clz(r + 1);  // level within the subtree
@@ -661,7 +664,7 @@ __device__ __forceinline__ void output_tokens(
             const int nd = __ldg(nodes + (long long)tok[t] * levels + lane);
             int r = -1;
             if (staged) {
-                if (lane < s) r = nd == ((key_node + 1) >> (s - lane)) - 1 ? lane : -1;
+                if (lane < s) r = nd == ancestor(key_node, s, lane) ? lane : -1;
                 else {
                     const int k = subtree_row(nd, lane, s, key);
                     r = k >= 0 ? s + k : -1;
@@ -781,7 +784,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
         if (key >= 0) {
             const int key_node = ((1 << s) - 1) + key;
             for (int r = warp; r < rows; r += n_warps) {  // a warp per row
-                const long long node = r < s ? ((key_node + 1) >> (s - r)) - 1 : subtree_node(r - s, s, key);
+                const long long node = r < s ? ancestor(key_node, s, r) : subtree_node(r - s, s, key);
                 const T* __restrict__ src = w_out + node * d_out + (long long)v0 * VEC;
                 for (int c = lane; c < sv; c += 32) copy_vec<T, VEC>(sw + r * stride + c * VEC, src + c * VEC);
             }
