@@ -358,8 +358,10 @@ def test_gelu_is_accurate_to_an_ulp(dtype):
     assert bad.size == 0, (z[bad[:5]], got[bad[:5]], want[bad[:5]])
 
 
-VARIANTS = ([{"route_block": rb, "out_block": ob} for rb in (256, 512) for ob in (256, 768)]
-            + [{"out_tpw": tpw, "out_sj": sj} for tpw in (1, 2, 4) for sj in (3, 6)])
+# out_tiled 0: the per-token output kernels (fff_output, fff_output_staged) instead of fff_output_tiled.
+VARIANTS = ([{"route_block": rb, "out_block": ob, "out_tiled": 0} for rb in (256, 512) for ob in (256, 768)]
+            + [{"out_tpw": tpw, "out_sj": sj, "out_tiled": 0} for tpw in (1, 2, 4) for sj in (3, 6)]
+            + [{"out_tiled": tt} for tt in (8, 16)])
 
 
 @requires_gpu
@@ -400,7 +402,8 @@ def test_bad_schedule():
     for splits in [(0,), (6,), (3, 2), (2, 2)]:
         with pytest.raises(ValueError, match="splits"):
             gpu._run(x, want_output=True, splits=splits, sort_output=True)
-    for variant in ({"route_block": 768}, {"out_block": 1024}, {"threads": 1}, {"out_tpw": 3}, {"out_sj": 4}):
+    for variant in ({"route_block": 768}, {"out_block": 1024}, {"threads": 1}, {"out_tpw": 3}, {"out_sj": 4},
+                    {"out_tiled": 4}):
         with pytest.raises(ValueError, match="variant"):
             gpu._run(x, want_output=True, variant=variant)
 
@@ -481,6 +484,26 @@ def test_results_do_not_depend_on_schedule_or_run(schedule):
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_array_equal(y1, y3)
     np.testing.assert_array_equal(r1, r3)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,d_in,d_out,depth", [(np.float32, 768, 768, 11), (np.float64, 40, 30, 7),
+                                                    (np.float32, 17, 9, 0)])
+def test_output_kernels_give_the_same_bits(dtype, d_in, d_out, depth):
+    """One-tree layers: the register-tiled output (both tile sizes) and the per-token output kernels (staged
+    and unstaged), in batch order and after the staged schedule's sort, give bitwise the same y."""
+    import cupy as cp
+
+    cpu, gpu = make_layer(d_in, d_out, depth=depth, dtype=dtype, seed=depth)
+    x = cp.asarray(make_x(2999, d_in, dtype))
+    results = []
+    for splits, smem in (((), False), ("staged", True)):
+        for variant in ({"out_tiled": 0}, {"out_tiled": 8}, {"out_tiled": 16}):
+            y, _ = gpu._run(x, want_output=True, splits=splits, smem=smem, sort_output=False, variant=variant)
+            results.append(cp.asnumpy(y))
+    for y in results[1:]:
+        np.testing.assert_array_equal(y, results[0])
+    check_layer(cpu, cp.asnumpy(x), results[0], cp.asnumpy(gpu.routes(x)))
 
 
 @requires_gpu

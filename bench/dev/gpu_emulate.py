@@ -3,7 +3,7 @@
 A development aid, not a test of the kernels: it replaces ``cupy`` with a tiny
 module whose arrays are NumPy arrays and whose kernels
 (``fff_route``, ``fff_route_staged``, ``fff_bucket_scatter``, ``fff_output``,
-``fff_output_staged``) are NumPy
+``fff_output_staged``, ``fff_output_tiled``) are NumPy
 re-implementations that unpack the prepared (ctypes) arguments of each launch
 in the order of the ``kernels/fff.cu`` signatures. That checks the orchestration in
 ``pyfff/gpu/_fff.py`` (schedules, key levels, argument lists, dtype and shape
@@ -59,9 +59,10 @@ def _arr(a):
 
 def _route(grid, block, args):
     (x, n, d_in, w_in, b_in, has_bias, n_trees, depth, tree, lo, hi, order, use_order, nodes, logits,
-     key_level, keys, counts) = args[:18]
-    if len(args) == 19 and lo > 0:  # fff_route_staged: the order must be sorted by the start node's key
-        _check_sorted(args[18], order, int(n), lo, lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
+     key_level, keys, counts, keep_x) = args[:19]
+    assert keep_x in (0, 1) and (keep_x == 0 or hi < depth + 1)  # only stages before the last keep x in L2
+    if len(args) == 20 and lo > 0:  # fff_route_staged: the order must be sorted by the start node's key
+        _check_sorted(args[19], order, int(n), lo, lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
     x, w_in, b_in, order, nodes, logits, keys, counts = map(_arr, (x, w_in, b_in, order, nodes, logits, keys, counts))
     n_nodes = 2 ** (depth + 1) - 1
     n, size = int(n), int(n) * n_trees * (depth + 1)
@@ -152,13 +153,20 @@ def _output_staged(grid, block, args):
     _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, use_order, y))
 
 
+def _output_tiled(grid, block, args):
+    nodes, logits, n, d_out, w_out, depth, act, order, use_order, y = args
+    assert depth + 1 <= 25
+    _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, use_order, y))
+
+
 class _Kernel:
     def __init__(self, name):
         self.name = name
         self.kernel = types.SimpleNamespace(ptr=id(self))
         base = name.split("<")[0]
         self._fn = {"fff_route": _route, "fff_route_staged": _route, "fff_bucket_scatter": _scatter,
-                    "fff_output": _output, "fff_output_staged": _output_staged}[base]
+                    "fff_output": _output, "fff_output_staged": _output_staged,
+                    "fff_output_tiled": _output_tiled}[base]
 
 
 def _decode(carg):
@@ -177,8 +185,9 @@ def _decode(carg):
 
 
 def emulated_launch(launch, stream_ptr):
-    assert launch.grid >= 1 and launch.grid_y >= 1 and launch.block in (256, 512, 768, 1024)
-    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name) == (launch.smem > 0)
+    assert launch.grid >= 1 and launch.grid_y >= 1 and launch.block in (256, 384, 512, 768, 1024)
+    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name or "_tiled" in launch.kernel.name) == (
+        launch.smem > 0)
     launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 

@@ -1,6 +1,7 @@
 """Per-kernel GPU time of pyfff.gpu's pipeline at the benchmark shape, with CUDA events around each launch.
 
 Run (repository root, GPU machine): PYTHONPATH=$PWD python bench/dev/gpu_stage_times.py [batch ...]
+Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_ROUTE=lanes,block (below).
 
 For each schedule, builds the launch plan with one call, then enqueues its launches one at a time with a
 CUDA event between consecutive launches, `REPEATS` times, and prints the best time of each launch (kernel
@@ -21,12 +22,11 @@ from pyfff.gpu import _fff
 REPEATS = 30
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
-    "staged,leaf-output": {"splits": "staged", "sort_output": True, "smem": True},
-    "staged,leaf-output,4-token-warps": {"splits": "staged", "sort_output": True, "smem": True,
-                                         "variant": {"out_tpw": 4, "out_sj": 3}},
-    "staged,leaf-output,4-token-warps,full-rows": {"splits": "staged", "sort_output": True, "smem": True,
-                                                   "variant": {"out_tpw": 4}},
+    "staged,tiled-8": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tiled": 8}},
+    "staged,per-token-output": {"splits": "staged", "sort_output": False, "smem": True,
+                                "variant": {"out_tiled": 0}},
     "direct": {"splits": (), "sort_output": False, "smem": False},
+    "direct,per-token-output": {"splits": (), "sort_output": False, "smem": False, "variant": {"out_tiled": 0}},
 }
 
 
@@ -51,12 +51,12 @@ def stage_times(layer, x, kwargs):
              launch.block, launch.smem, t) for launch, t in zip(plan.launches, best)]
 
 
-def route_variant(lanes=16, block=512):
+def route_variant(lanes=16, block=384):
     """Compile the route kernels with `lanes` lanes per token and `block`-thread staged blocks (an experiment:
     PYFFF_DEV_ROUTE=lanes,block, e.g. 32,1024; 32 lanes change the last bits of the sums)."""
     from pyfff.gpu import _loader
 
-    _loader._OPTIONS = _loader._OPTIONS + (f"-DPYFFF_ROUTE_LANES={lanes}", f"-DPYFFF_ROUTE_MAX_BLOCK={block}")
+    _loader._OPTIONS = _loader._OPTIONS + (f"-DPYFFF_ROUTE_LANES={lanes}", f"-DPYFFF_STAGED_ROUTE_BLOCK={block}")
     _fff._STAGED_ROUTE_BLOCK = block
     _fff._ROUTE_TOKENS_PER_WARP = 32 // lanes
 
@@ -88,6 +88,8 @@ def main(batches):
 if __name__ == "__main__":
     import os
 
+    if os.environ.get("PYFFF_DEV_KEEP_X") == "0":  # every route stage streams x (evict-first)
+        _fff._KEEP_X_IN_L2 = False
     if os.environ.get("PYFFF_DEV_ROUTE"):
         route_variant(*(int(v) for v in os.environ["PYFFF_DEV_ROUTE"].split(",")))
     main([int(a) for a in sys.argv[1:]] or [2048, 16384])

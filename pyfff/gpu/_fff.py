@@ -58,9 +58,16 @@ _SMEM_MIN_TOKENS = 12288
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
 # one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
 # fff_output_staged.
-_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6}
-_VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6)}
-_STAGED_ROUTE_BLOCK = 512  # fff_route_staged: one block per SM (its subtree fills most of the shared memory)
+# out_tiled: tokens per warp of fff_output_tiled (one-tree layers), or 0 for the per-token output kernels.
+_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "out_tiled": 16}
+_VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6),
+                    "out_tiled": (0, 8, 16)}
+_TILE_GROUPS = 4  # PYFFF_TILE_GROUPS: token groups (of out_tiled tokens) per chunk of fff_output_tiled
+_TILE_THREADS = 256  # PYFFF_TILE_THREADS
+_STAGED_ROUTE_BLOCK = 384  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its subtree fills most of the shared memory)
+# Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
+# the last stage streams it (evict-first).
+_KEEP_X_IN_L2 = True
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
 _ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
@@ -97,7 +104,7 @@ def _kernel(name, device_id):
 
     cp = _cupy()
     kernel = _loader.get_kernel(_KERNEL_FILE, name)
-    if "_staged" in name:  # may use all the shared memory a block can opt in to
+    if "_staged" in name or "_tiled" in name:  # may use all the shared memory a block can opt in to
         cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_MAX_DYN_SMEM, _smem_optin(device_id))
     elif name.startswith(("fff_route", "fff_output")):
         # no shared memory: ask for the largest L1 (carveout 0 %), where weight rows are cached
@@ -228,7 +235,8 @@ class _Plan:
                 args = [self.x_arg, i64(n), i32(layer.d_in), _ptr(layer.w_in), _ptr(b_in), i32(has_bias),
                         i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi),
                         _ptr(dummy if order is None else order), i32(order is not None),
-                        _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts)]
+                        _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts),
+                        i32(_KEEP_X_IN_L2 and not last)]
                 stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
                 if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or order is not None):
                     args.append(_ptr(dummy if starts is None else starts))
@@ -266,6 +274,16 @@ class _Plan:
         vec_out = 16 // layer.dtype.itemsize if layer.d_out % (16 // layer.dtype.itemsize) == 0 else 1
         nvec = layer.d_out // vec_out
         levels = layer.depth + 1
+        tt = variant["out_tiled"]
+        if tt and layer.n_trees == 1:
+            chunk = _TILE_GROUPS * tt
+            nbytes = chunk * (2 * 4 + levels * (4 + layer.dtype.itemsize))
+            kernel = _kernel(f"fff_output_tiled<{layer._ctype}, {vec_out}, {tt}>", dev)
+            grid = _grid(kernel, _TILE_THREADS, -(-n // chunk) * (_TILE_THREADS // 32), dev, nbytes)
+            return _Launch(kernel, grid, _TILE_THREADS, [
+                _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
+                i32(layer.depth), i32(layer._act), _ptr(dummy if order is None else order),
+                i32(order is not None), self.y_arg], smem=nbytes)
         if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
             rows = key_level + 2 ** (levels - key_level) - 1
             slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev)

@@ -45,9 +45,14 @@
 #define PYFFF_SCATTER_ITEMS 2
 // Largest block of fff_output (one token per warp); the host launches 256 or 768 threads.
 #define PYFFF_MAX_BLOCK 768
-// Largest block of fff_route and fff_route_staged (two tokens per warp, up to 128 registers per thread).
+// Largest block of fff_route (two tokens per warp, up to 128 registers per thread).
 #ifndef PYFFF_ROUTE_MAX_BLOCK
 #define PYFFF_ROUTE_MAX_BLOCK 512
+#endif
+// Block of fff_route_staged: 12 warps, up to 168 registers per thread (each lane group keeps two tokens' x:
+// the one it walks and the next one, in flight).
+#ifndef PYFFF_STAGED_ROUTE_BLOCK
+#define PYFFF_STAGED_ROUTE_BLOCK 384
 #endif
 // Block of fff_output_staged: 1024 threads (64 registers) when a lane keeps at most 6 vectors per token x
 // tokens, else 512 (128 registers).
@@ -213,13 +218,16 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
 
 // The token's row of x in registers: vectors g + PYFFF_ROUTE_LANES * j of lane g of the group (zero past the
 // row's end). EXACT: the row is exactly PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV vectors (no bounds checks).
+// keep: x is read again by a later stage, so its lines stay in L2 with the normal policy (else evict-first).
 template <bool EXACT, typename T, int VEC>
-__device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g, T (&xr)[PYFFF_ROUTE_XV][VEC]) {
+__device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g, bool keep,
+                                       T (&xr)[PYFFF_ROUTE_XV][VEC]) {
     #pragma unroll
     for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
         const int v = g + PYFFF_ROUTE_LANES * j;
         if (EXACT || v < nvec) {
-            load_vec<kStream>(xt + (long long)v * VEC, xr[j]);
+            if (keep) load_vec<kReadOnly>(xt + (long long)v * VEC, xr[j]);
+            else load_vec<kStream>(xt + (long long)v * VEC, xr[j]);
         } else {
             #pragma unroll
             for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
@@ -294,12 +302,13 @@ __device__ __forceinline__ int subtree_node(int r, int lo, int key) {
 }
 
 // Walk token `tok` through levels [lo, hi) of tree `tree` (all lanes of the warp together, one token per
-// lane group; only a group's first lane writes, and only if `store`). STAGED: the rows of the subtree below
+// lane group; only a group's first lane writes, and only if `store`). xr: the token's row of x (load_x). STAGED: the rows of the subtree below
 // node `key` of level lo are in shared memory (sw, sb; key < 0: none); a level where some token of the warp
 // is outside it reads all rows from global memory (the same values, the same sums).
 template <bool STAGED, bool EXACT, typename T, int VEC>
 __device__ __forceinline__ void walk_token(
-    long long tok, bool store, int lane, const T* __restrict__ x, int d_in, const T* __restrict__ w_in,
+    long long tok, bool store, int lane, const T (&xr)[PYFFF_ROUTE_XV][VEC], const T* __restrict__ x, int d_in,
+    const T* __restrict__ w_in,
     const T* __restrict__ b_in, int has_bias, int n_trees, int depth, int tree, int lo, int hi,
     int* __restrict__ nodes, T* __restrict__ logits, int key_level, int* __restrict__ keys,
     int* __restrict__ counts, const T* sw, const T* sb, int key)
@@ -307,9 +316,7 @@ __device__ __forceinline__ void walk_token(
     const int nvec = d_in / VEC;
     const long long n_nodes = (2LL << depth) - 1;
     const bool leader = store && (lane & (PYFFF_ROUTE_LANES - 1)) == 0;
-    const T* __restrict__ xt = x + tok * d_in;
-    T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
-    load_x<EXACT>(xt, nvec, lane & (PYFFF_ROUTE_LANES - 1), xr);
+    const T* __restrict__ xt = x + tok * d_in;  // the rest of a row wider than xr
 
     const long long base = (tok * n_trees + tree) * (depth + 1);
     int* __restrict__ tok_nodes = nodes + base;
@@ -381,7 +388,8 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     T* __restrict__ logits,          // IN/OUT (n, n_trees, depth + 1)
     const int key_level,
     int* __restrict__ keys,          // OUT (n,), written only if key_level >= 0
-    int* __restrict__ counts)        // IN/OUT (2**key_level,) histogram of keys
+    int* __restrict__ counts,        // IN/OUT (2**key_level,) histogram of keys
+    const int keep_x)                // a later stage reads x again: keep it in L2 (see load_x)
 {
     const int lane = threadIdx.x & 31;
     const int slot = threadIdx.x / PYFFF_ROUTE_LANES;  // this lane group's token slot in the block
@@ -392,8 +400,10 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
         const long long p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
         const long long tok = token_at(order, use_order, p, n);
         if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
-        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees,
-                                         depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
+        T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
+        load_x<EXACT>(x + tok * d_in, d_in / VEC, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
+        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, xr, x, d_in, w_in, b_in, has_bias,
+                                         n_trees, depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
                                          (const T*)nullptr, (const T*)nullptr, -1);
     }
 }
@@ -419,12 +429,12 @@ __device__ __forceinline__ long long segment_end(long long p, long long end, lon
 // (rounded up to 16). Same sums in the same order as fff_route: bitwise the same nodes and logits. A token
 // whose node is not in the staged subtree (never, with a consistent sort) reads that row from global memory.
 template <typename T, int VEC, bool EXACT>
-__global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route_staged(
+__global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     const T* __restrict__ x, const long long n, const int d_in, const T* __restrict__ w_in,
     const T* __restrict__ b_in, const int has_bias, const int n_trees, const int depth, const int tree,
     const int lo, const int hi, const int* __restrict__ order, const int use_order,
     int* __restrict__ nodes, T* __restrict__ logits, const int key_level, int* __restrict__ keys,
-    int* __restrict__ counts,
+    int* __restrict__ counts, const int keep_x,
     const int* __restrict__ starts)  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
 {
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
@@ -447,6 +457,18 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route_staged(
         const int key = k0 >= 0 && k0 < (1 << lo) ? k0 : -1;  // -1: nothing staged
         const long long seg_end = segment_end(p, range.end, key, lo, starts, use_order);
         __syncthreads();  // the previous segment's rows are no longer read
+        // The lane group's first token of the segment; its x is loaded while the rows are staged, and each
+        // next token's x while the group walks the one before (xn).
+        long long q0 = p + (slot & ~1);  // warp-uniform
+        long long tok_n = -1;
+        bool store_n = false;
+        T xn[PYFFF_ROUTE_XV][VEC];
+        if (q0 < seg_end) {
+            const long long q = q0 + (slot & 1) < seg_end ? q0 + (slot & 1) : q0;
+            tok_n = token_at(order, use_order, q, n);
+            store_n = q == q0 + (slot & 1);
+            if (tok_n >= 0) load_x<EXACT>(x + tok_n * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xn);
+        }
         if (key >= 0) {
             for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {  // a warp per row
                 const T* __restrict__ src = w_in + ((long long)tree * n_nodes + subtree_node(r, lo, key)) * d_in;
@@ -462,13 +484,26 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route_staged(
         __syncthreads();
 
         // warp-uniform loop: a group past the segment's end repeats its neighbour's token without storing
-        for (long long q0 = p + (slot & ~1); q0 < seg_end; q0 += n_slots) {
-            const long long q = q0 + (slot & 1) < seg_end ? q0 + (slot & 1) : q0;
-            const long long tok = token_at(order, use_order, q, n);
+        for (; q0 < seg_end; q0 += n_slots) {
+            const long long tok = tok_n;
+            const bool store = store_n;
+            T xr[PYFFF_ROUTE_XV][VEC];
+            #pragma unroll
+            for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+                #pragma unroll
+                for (int c = 0; c < VEC; ++c) xr[j][c] = xn[j][c];
+            }
+            const long long q1 = q0 + n_slots;
+            if (q1 < seg_end) {  // warp-uniform
+                const long long q = q1 + (slot & 1) < seg_end ? q1 + (slot & 1) : q1;
+                tok_n = token_at(order, use_order, q, n);
+                store_n = q == q1 + (slot & 1);
+                if (tok_n >= 0) load_x<EXACT>(x + tok_n * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xn);
+            }
             if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
-            walk_token<true, EXACT, T, VEC>(tok, q == q0 + (slot & 1), lane, x, d_in, w_in, b_in, has_bias, n_trees,
-                                            depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
-                                            (const T*)sw, (const T*)sb, key);
+            walk_token<true, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
+                                            tree, lo, hi, nodes, logits, key_level, keys, counts, (const T*)sw,
+                                            (const T*)sb, key);
         }
         p = seg_end;
     }
@@ -634,6 +669,133 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
             for (int j = 0; j < J; ++j) {
                 const int v = v0 + lane + 32 * j;
                 if (v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- output, register-tiled
+
+// fff_output for a one-tree layer, with each weight row read once for a run of neighbouring tokens that share it.
+//
+// The block takes chunks of PYFFF_TILE_GROUPS * TT positions (the order of `order`, or batch order). It sorts
+// a chunk's tokens by their leaf (so that neighbours share their upper nodes, and all of them when the chunk
+// lies in one bucket of a sort by a deeper node), then writes each sorted token's node and activation of every
+// level into a table in shared memory. Warp (g, c) of the block forms the outputs of the chunk's tokens
+// g * TT .. g * TT + TT - 1 for the column vectors c * 32 + lane, c * 32 + lane + 32 * PYFFF_TILE_COLS, ...:
+// each lane keeps TT accumulators of VEC elements and, level by level, loads a row's vector once for every
+// run of tokens that visit the same node (rows through L1/L2: a run shares one load). Same sums in the same
+// order as fff_output (level order, each term an fma): bitwise the same y.
+//
+// Dynamic shared memory: PYFFF_TILE_GROUPS * TT * (2 * sizeof(int) + (depth + 1) * (sizeof(int) + sizeof(T)))
+// bytes (host: _tiled_smem).
+#define PYFFF_TILE_GROUPS 4
+#define PYFFF_TILE_COLS 2
+#define PYFFF_TILE_THREADS (32 * PYFFF_TILE_GROUPS * PYFFF_TILE_COLS)
+
+template <typename T, int VEC, int TT>
+__global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
+    const int* __restrict__ nodes,   // IN  (n, 1, depth + 1)
+    const T* __restrict__ logits,    // IN  (n, 1, depth + 1)
+    const long long n,
+    const int d_out,                 // multiple of VEC
+    const T* __restrict__ w_out,     // IN  (n_nodes, d_out)
+    const int depth,
+    const int act,
+    const int* __restrict__ order,   // IN  (n,), read only if use_order
+    const int use_order,
+    T* __restrict__ y)               // OUT (n, d_out)
+{
+    constexpr int CH = PYFFF_TILE_GROUPS * TT;  // positions per chunk
+    static_assert(TT % 4 == 0, "table rows are read four tokens at a time");
+    extern __shared__ __align__(16) unsigned char pyfff_smem[];
+    const int levels = depth + 1;
+    T* s_act = reinterpret_cast<T*>(pyfff_smem);               // (levels, CH): activation of each sorted token
+    int* s_node = reinterpret_cast<int*>(s_act + levels * CH);  // (levels, CH): its node, -1 past the chunk's end
+    int* s_tok = s_node + levels * CH;                         // (CH,) sorted tokens, -1 past the end
+    int* s_key = s_tok + CH;                                   // (CH,) leaf of each position's token
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int group = (tid >> 5) / PYFFF_TILE_COLS;
+    const int col = (tid >> 5) % PYFFF_TILE_COLS;
+    const int nvec = d_out / VEC;
+    const long long n_chunks = (n + CH - 1) / CH;
+
+    for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {  // block-uniform
+        const long long p0 = chunk * CH;
+        __syncthreads();  // the previous chunk's tables are no longer read
+        // 1. sort the chunk's tokens by leaf: rank = positions with a smaller key, or the same key and before
+        int tok = -1;
+        int key = 0x7fffffff;  // past the end: sorted last
+        if (tid < CH && p0 + tid < n) {
+            tok = (int)token_at(order, use_order, p0 + tid, n);
+            if (tok >= 0) key = __ldg(nodes + (long long)tok * levels + depth);
+        }
+        if (tid < CH) s_key[tid] = key;
+        __syncthreads();
+        if (tid < CH) {
+            int rank = 0;
+            for (int j = 0; j < CH; ++j) {
+                const int kj = s_key[j];
+                rank += (kj < key || (kj == key && j < tid)) ? 1 : 0;
+            }
+            s_tok[rank] = tok;
+        }
+        __syncthreads();
+        // 2. the table: node and activation of each sorted token at each level (a token's levels are adjacent)
+        for (int i = tid; i < CH * levels; i += PYFFF_TILE_THREADS) {
+            const int s = i / levels;
+            const int l = i - s * levels;
+            const int t = s_tok[s];
+            int nd = -1;
+            T a = T(0);
+            if (t >= 0) {
+                nd = __ldg(nodes + (long long)t * levels + l);
+                a = activation(__ldg(logits + (long long)t * levels + l), act);
+            }
+            s_node[l * CH + s] = nd;
+            s_act[l * CH + s] = a;
+        }
+        __syncthreads();
+
+        // 3. this warp's TT tokens, its column vectors
+        const int first = group * TT;
+        if (s_tok[first] < 0) continue;  // warp-uniform: no token (sorted tokens come first)
+        for (int v = col * 32 + lane; v < nvec; v += 32 * PYFFF_TILE_COLS) {
+            const T* __restrict__ w_col = w_out + (long long)v * VEC;
+            T acc[TT][VEC];
+            #pragma unroll
+            for (int t = 0; t < TT; ++t) {
+                #pragma unroll
+                for (int c = 0; c < VEC; ++c) acc[t][c] = T(0);
+            }
+            for (int l = 0; l < levels; ++l) {
+                const int* nl = s_node + l * CH + first;
+                const T* al = s_act + l * CH + first;
+                int held = -1;  // node whose vector is in w
+                T w[VEC];
+                #pragma unroll
+                for (int c = 0; c < VEC; ++c) w[c] = T(0);
+                #pragma unroll
+                for (int t0 = 0; t0 < TT; t0 += 4) {
+                    const int4 nd4 = *reinterpret_cast<const int4*>(nl + t0);  // same address in every lane
+                    const int nd[4] = {nd4.x, nd4.y, nd4.z, nd4.w};
+                    #pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        if (nd[u] != held && nd[u] >= 0) {  // warp-uniform: one load per run of a node
+                            load_vec<kReadOnly>(w_col + (long long)nd[u] * d_out, w);
+                            held = nd[u];
+                        }
+                        const T a = al[t0 + u];
+                        #pragma unroll
+                        for (int c = 0; c < VEC; ++c) acc[t0 + u][c] = fma(a, w[c], acc[t0 + u][c]);
+                    }
+                }
+            }
+            #pragma unroll
+            for (int t = 0; t < TT; ++t) {
+                const int yt = s_tok[first + t];
+                if (yt >= 0) store_vec<T, VEC>(y + (long long)yt * d_out + (long long)v * VEC, acc[t]);
             }
         }
     }
