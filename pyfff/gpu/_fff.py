@@ -58,13 +58,15 @@ _SMEM_MIN_TOKENS = 12288
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
 # one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
 # fff_output_staged.
-# out_tiled: tokens per warp of fff_output_tiled (one-tree layers), or 0 for the per-token output kernels.
-_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "out_tiled": 16}
+# out_tiled: tokens per warp of fff_output_tiled (one-tree layers whose output follows a sort), or 0 for the
+# per-token output kernels.
+_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "out_tiled": 8}
 _VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6),
-                    "out_tiled": (0, 8, 16)}
-_TILE_GROUPS = 4  # PYFFF_TILE_GROUPS: token groups (of out_tiled tokens) per chunk of fff_output_tiled
-_TILE_THREADS = 256  # PYFFF_TILE_THREADS
-_STAGED_ROUTE_BLOCK = 384  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its subtree fills most of the shared memory)
+                    "out_tiled": (0, 4, 8)}
+_TILE_WARPS = 8  # PYFFF_TILE_WARPS: a chunk of fff_output_tiled is _TILE_WARPS * out_tiled positions
+_TILE_SLICE_VECS = 64  # column vectors per slice of fff_output_tiled (at most; slices are made equal)
+_TILE_ROWS_PER_TOKEN = 1.5  # rows staged per chunk position (more runs than that read rows from global memory)
+_STAGED_ROUTE_BLOCK = 512  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its subtree fills most of the shared memory)
 # Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
 # the last stage streams it (evict-first).
 _KEEP_X_IN_L2 = True
@@ -120,6 +122,12 @@ def _staged_out_block(sj, tpw):
 def _smem_optin(device_id):
     """Bytes of dynamic shared memory one block may use on the device."""
     return int(_cupy().cuda.runtime.deviceGetAttribute(_ATTR_SMEM_OPTIN, device_id))
+
+
+def _tiled_smem(chunk, levels, itemsize, max_rows, row_elems):
+    """Dynamic shared memory of fff_output_tiled: the chunk's tables, then max_rows staged row slices."""
+    table = chunk * (levels * (itemsize + 8) + 8) + max_rows * 4
+    return -(-table // 16) * 16 + max_rows * row_elems * itemsize
 
 
 def _subtree_bytes(levels, row_elems, itemsize):
@@ -275,15 +283,19 @@ class _Plan:
         nvec = layer.d_out // vec_out
         levels = layer.depth + 1
         tt = variant["out_tiled"]
-        if tt and layer.n_trees == 1:
-            chunk = _TILE_GROUPS * tt
-            nbytes = chunk * (2 * 4 + levels * (4 + layer.dtype.itemsize))
+        if tt and layer.n_trees == 1 and order is not None:
+            chunk = _TILE_WARPS * tt
+            n_slices = -(-nvec // _TILE_SLICE_VECS)
+            slice_vecs = -(-nvec // n_slices)
+            max_rows = int(_TILE_ROWS_PER_TOKEN * chunk)
+            nbytes = _tiled_smem(chunk, levels, layer.dtype.itemsize, max_rows, slice_vecs * vec_out)
             kernel = _kernel(f"fff_output_tiled<{layer._ctype}, {vec_out}, {tt}>", dev)
-            grid = _grid(kernel, _TILE_THREADS, -(-n // chunk) * (_TILE_THREADS // 32), dev, nbytes)
-            return _Launch(kernel, grid, _TILE_THREADS, [
+            block = 32 * _TILE_WARPS
+            grid = _grid(kernel, block, -(-n // chunk) * _TILE_WARPS, dev, nbytes)
+            return _Launch(kernel, grid, block, [
                 _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
-                i32(layer.depth), i32(layer._act), _ptr(dummy if order is None else order),
-                i32(order is not None), self.y_arg], smem=nbytes)
+                i32(layer.depth), i32(layer._act), _ptr(order), i32(1), i32(slice_vecs), i32(max_rows),
+                self.y_arg], grid_y=n_slices, smem=nbytes)
         if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
             rows = key_level + 2 ** (levels - key_level) - 1
             slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev)

@@ -28,7 +28,7 @@ _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 _STAGED_OUT_SJ = (3, 6)
 _STAGED_OUT_TPW = (1, 2, 4)
 # fff_output_tiled takes the tokens each warp forms at once (TT).
-_TILED_OUT_TT = (8, 16)
+_TILED_OUT_TT = (4, 8)
 
 NAME_EXPRESSIONS = {
     "fff.cu": tuple(f"fff_output<{ctype}, {vec}>" for ctype, vecs in _TYPES for vec in vecs)

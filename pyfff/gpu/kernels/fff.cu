@@ -49,10 +49,9 @@
 #ifndef PYFFF_ROUTE_MAX_BLOCK
 #define PYFFF_ROUTE_MAX_BLOCK 512
 #endif
-// Block of fff_route_staged: 12 warps, up to 168 registers per thread (each lane group keeps two tokens' x:
-// the one it walks and the next one, in flight).
+// Block of fff_route_staged: 16 warps, up to 128 registers per thread.
 #ifndef PYFFF_STAGED_ROUTE_BLOCK
-#define PYFFF_STAGED_ROUTE_BLOCK 384
+#define PYFFF_STAGED_ROUTE_BLOCK 512
 #endif
 // Block of fff_output_staged: 1024 threads (64 registers) when a lane keeps at most 6 vectors per token x
 // tokens, else 512 (128 registers).
@@ -457,18 +456,18 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
         const int key = k0 >= 0 && k0 < (1 << lo) ? k0 : -1;  // -1: nothing staged
         const long long seg_end = segment_end(p, range.end, key, lo, starts, use_order);
         __syncthreads();  // the previous segment's rows are no longer read
-        // The lane group's first token of the segment; its x is loaded while the rows are staged, and each
-        // next token's x while the group walks the one before (xn).
+        // The lane group's first token of the segment: its x is loaded while the rows are staged.
         long long q0 = p + (slot & ~1);  // warp-uniform
-        long long tok_n = -1;
-        bool store_n = false;
-        T xn[PYFFF_ROUTE_XV][VEC];
-        if (q0 < seg_end) {
-            const long long q = q0 + (slot & 1) < seg_end ? q0 + (slot & 1) : q0;
-            tok_n = token_at(order, use_order, q, n);
-            store_n = q == q0 + (slot & 1);
-            if (tok_n >= 0) load_x<EXACT>(x + tok_n * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xn);
-        }
+        long long tok = -1;
+        bool store = false;
+        T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
+        const auto next_token = [&](long long qq) {
+            const long long q = qq + (slot & 1) < seg_end ? qq + (slot & 1) : qq;
+            tok = token_at(order, use_order, q, n);
+            store = q == qq + (slot & 1);
+            if (tok >= 0) load_x<EXACT>(x + tok * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
+        };
+        if (q0 < seg_end) next_token(q0);
         if (key >= 0) {
             for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {  // a warp per row
                 const T* __restrict__ src = w_in + ((long long)tree * n_nodes + subtree_node(r, lo, key)) * d_in;
@@ -484,22 +483,8 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
         __syncthreads();
 
         // warp-uniform loop: a group past the segment's end repeats its neighbour's token without storing
-        for (; q0 < seg_end; q0 += n_slots) {
-            const long long tok = tok_n;
-            const bool store = store_n;
-            T xr[PYFFF_ROUTE_XV][VEC];
-            #pragma unroll
-            for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) xr[j][c] = xn[j][c];
-            }
-            const long long q1 = q0 + n_slots;
-            if (q1 < seg_end) {  // warp-uniform
-                const long long q = q1 + (slot & 1) < seg_end ? q1 + (slot & 1) : q1;
-                tok_n = token_at(order, use_order, q, n);
-                store_n = q == q1 + (slot & 1);
-                if (tok_n >= 0) load_x<EXACT>(x + tok_n * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xn);
-            }
+        for (long long first = q0; q0 < seg_end; q0 += n_slots) {
+            if (q0 != first) next_token(q0);
             if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
             walk_token<true, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
                                             tree, lo, hi, nodes, logits, key_level, keys, counts, (const T*)sw,
@@ -676,22 +661,25 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
 
 // ---------------------------------------------------------------- output, register-tiled
 
-// fff_output for a one-tree layer, with each weight row read once for a run of neighbouring tokens that share it.
+// fff_output for a one-tree layer, each weight row read once for a run of neighbouring tokens that share it.
 //
-// The block takes chunks of PYFFF_TILE_GROUPS * TT positions (the order of `order`, or batch order). It sorts
-// a chunk's tokens by their leaf (so that neighbours share their upper nodes, and all of them when the chunk
-// lies in one bucket of a sort by a deeper node), then writes each sorted token's node and activation of every
-// level into a table in shared memory. Warp (g, c) of the block forms the outputs of the chunk's tokens
-// g * TT .. g * TT + TT - 1 for the column vectors c * 32 + lane, c * 32 + lane + 32 * PYFFF_TILE_COLS, ...:
-// each lane keeps TT accumulators of VEC elements and, level by level, loads a row's vector once for every
-// run of tokens that visit the same node (rows through L1/L2: a run shares one load). Same sums in the same
-// order as fff_output (level order, each term an fma): bitwise the same y.
+// The block takes chunks of PYFFF_TILE_WARPS * TT positions (the order of `order`, or batch order) and one
+// column slice (blockIdx.y: vectors [v0, v0 + slice_vecs) of each row). Per chunk:
+//   1. it sorts the chunk's tokens by their leaf, so that neighbours share their upper nodes (all of them
+//      share levels 0 .. k when the order is sorted by a node of level k and the chunk lies in one bucket);
+//   2. it tabulates each sorted token's activation of every level and numbers the runs of tokens that visit
+//      the same node at a level (tokens sorted by leaf are sorted by node at every level): run r's row is
+//      staged in shared memory as row r (the first max_rows runs; later runs read their row from global
+//      memory);
+//   3. it stages those rows' slices with cp.async;
+//   4. warp w forms the outputs of sorted tokens w * TT .. w * TT + TT - 1: each lane keeps TT accumulators
+//      of VEC elements per column vector and, level by level, loads a row's vector once per run.
+// Same sums in the same order as fff_output (level order, each term an fma): bitwise the same y.
 //
-// Dynamic shared memory: PYFFF_TILE_GROUPS * TT * (2 * sizeof(int) + (depth + 1) * (sizeof(int) + sizeof(T)))
-// bytes (host: _tiled_smem).
-#define PYFFF_TILE_GROUPS 4
-#define PYFFF_TILE_COLS 2
-#define PYFFF_TILE_THREADS (32 * PYFFF_TILE_GROUPS * PYFFF_TILE_COLS)
+// Dynamic shared memory (host: _tiled_smem): CH * (levels * (sizeof(T) + 2 * sizeof(int)) + 2 * sizeof(int))
+// + max_rows * sizeof(int), rounded up to 16, + max_rows * slice_vecs * VEC * sizeof(T) bytes, CH = 8 * TT.
+#define PYFFF_TILE_WARPS 8
+#define PYFFF_TILE_THREADS (32 * PYFFF_TILE_WARPS)
 
 template <typename T, int VEC, int TT>
 __global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
@@ -704,27 +692,37 @@ __global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
     const int act,
     const int* __restrict__ order,   // IN  (n,), read only if use_order
     const int use_order,
+    const int slice_vecs,            // column vectors per slice (blockIdx.y)
+    const int max_rows,              // rows staged per chunk
     T* __restrict__ y)               // OUT (n, d_out)
 {
-    constexpr int CH = PYFFF_TILE_GROUPS * TT;  // positions per chunk
+    constexpr int CH = PYFFF_TILE_WARPS * TT;  // positions per chunk
     static_assert(TT % 4 == 0, "table rows are read four tokens at a time");
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
+    __shared__ int warp_runs[PYFFF_TILE_WARPS];
     const int levels = depth + 1;
-    T* s_act = reinterpret_cast<T*>(pyfff_smem);               // (levels, CH): activation of each sorted token
-    int* s_node = reinterpret_cast<int*>(s_act + levels * CH);  // (levels, CH): its node, -1 past the chunk's end
-    int* s_tok = s_node + levels * CH;                         // (CH,) sorted tokens, -1 past the end
-    int* s_key = s_tok + CH;                                   // (CH,) leaf of each position's token
+    const int items = levels * CH;
+    T* s_act = reinterpret_cast<T*>(pyfff_smem);       // (levels, CH): activation of each sorted token
+    int* s_node = reinterpret_cast<int*>(s_act + items);  // (levels, CH): its node, -1 past the chunk's end
+    int* s_row = s_node + items;  // (levels, CH): staged row r >= 0, or -2 - node (global), or -1 (no token)
+    int* s_tok = s_row + items;                        // (CH,) sorted tokens, -1 past the end
+    int* s_key = s_tok + CH;                           // (CH,) leaf of each position's token
+    int* s_rownode = s_key + CH;                       // (max_rows,) node of each staged row
+    T* s_w = reinterpret_cast<T*>(pyfff_smem + ((((char*)(s_rownode + max_rows) - (char*)pyfff_smem) + 15) & ~15));
     const int tid = threadIdx.x;
     const int lane = tid & 31;
-    const int group = (tid >> 5) / PYFFF_TILE_COLS;
-    const int col = (tid >> 5) % PYFFF_TILE_COLS;
+    const int warp = tid >> 5;
     const int nvec = d_out / VEC;
+    const int v0 = blockIdx.y * slice_vecs;
+    const int sv = min(slice_vecs, nvec - v0);  // vectors in this block's slice
+    const int stride = slice_vecs * VEC;         // elements per staged row
     const long long n_chunks = (n + CH - 1) / CH;
+    if (sv <= 0) return;
 
     for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {  // block-uniform
         const long long p0 = chunk * CH;
-        __syncthreads();  // the previous chunk's tables are no longer read
-        // 1. sort the chunk's tokens by leaf: rank = positions with a smaller key, or the same key and before
+        __syncthreads();  // the previous chunk's tables and rows are no longer read
+        // 1. sort by leaf: a token's rank = positions with a smaller key, or the same key and before it
         int tok = -1;
         int key = 0x7fffffff;  // past the end: sorted last
         if (tid < CH && p0 + tid < n) {
@@ -742,8 +740,8 @@ __global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
             s_tok[rank] = tok;
         }
         __syncthreads();
-        // 2. the table: node and activation of each sorted token at each level (a token's levels are adjacent)
-        for (int i = tid; i < CH * levels; i += PYFFF_TILE_THREADS) {
+        // 2a. the table (a token's levels are adjacent in nodes and logits)
+        for (int i = tid; i < items; i += PYFFF_TILE_THREADS) {
             const int s = i / levels;
             const int l = i - s * levels;
             const int t = s_tok[s];
@@ -757,45 +755,90 @@ __global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
             s_act[l * CH + s] = a;
         }
         __syncthreads();
+        // 2b. number the runs in (level, position) order: each thread a contiguous range of items, then a scan
+        const int per = (items + PYFFF_TILE_THREADS - 1) / PYFFF_TILE_THREADS;
+        const int i0 = min(tid * per, items);
+        const int i1 = min(i0 + per, items);
+        int starts = 0;
+        for (int i = i0; i < i1; ++i) {
+            const int nd = s_node[i];
+            starts += (nd >= 0 && (i % CH == 0 || s_node[i - 1] != nd)) ? 1 : 0;
+        }
+        int incl = starts;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int t = __shfl_up_sync(PYFFF_FULL_MASK, incl, o);
+            if (lane >= o) incl += t;
+        }
+        if (lane == 31) warp_runs[warp] = incl;
+        __syncthreads();
+        int run = incl - starts;  // runs before this thread's first item
+        for (int w = 0; w < warp; ++w) run += warp_runs[w];
+        for (int i = i0; i < i1; ++i) {
+            const int nd = s_node[i];
+            int code = -1;
+            if (nd >= 0) {
+                if (i % CH == 0 || s_node[i - 1] != nd) {
+                    if (run < max_rows) s_rownode[run] = nd;
+                    ++run;
+                }
+                code = run - 1 < max_rows ? run - 1 : -2 - nd;
+            }
+            s_row[i] = code;
+        }
+        int n_runs = 0;
+        for (int w = 0; w < PYFFF_TILE_WARPS; ++w) n_runs += warp_runs[w];
+        const int staged = min(n_runs, max_rows);
+        __syncthreads();
+        // 3. stage the slices of the runs' rows
+        for (int i = tid; i < staged * sv; i += PYFFF_TILE_THREADS) {
+            const int r = i / sv;
+            const int c = i - r * sv;
+            copy_vec<T, VEC>(s_w + r * stride + c * VEC, w_out + (long long)s_rownode[r] * d_out + (long long)(v0 + c) * VEC);
+        }
+        copies_done();
+        __syncthreads();
 
-        // 3. this warp's TT tokens, its column vectors
-        const int first = group * TT;
+        // 4. this warp's TT tokens, the slice's column vectors
+        const int first = warp * TT;
         if (s_tok[first] < 0) continue;  // warp-uniform: no token (sorted tokens come first)
-        for (int v = col * 32 + lane; v < nvec; v += 32 * PYFFF_TILE_COLS) {
-            const T* __restrict__ w_col = w_out + (long long)v * VEC;
+        for (int c = lane; c < sv; c += 32) {
             T acc[TT][VEC];
             #pragma unroll
             for (int t = 0; t < TT; ++t) {
                 #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[t][c] = T(0);
+                for (int e = 0; e < VEC; ++e) acc[t][e] = T(0);
             }
+            const T* __restrict__ g_col = w_out + (long long)(v0 + c) * VEC;
+            const T* s_col = s_w + c * VEC;
             for (int l = 0; l < levels; ++l) {
-                const int* nl = s_node + l * CH + first;
+                const int* rl = s_row + l * CH + first;
                 const T* al = s_act + l * CH + first;
-                int held = -1;  // node whose vector is in w
+                int held = -1;  // code of the row whose vector is in w (-1: none)
                 T w[VEC];
                 #pragma unroll
-                for (int c = 0; c < VEC; ++c) w[c] = T(0);
+                for (int e = 0; e < VEC; ++e) w[e] = T(0);
                 #pragma unroll
                 for (int t0 = 0; t0 < TT; t0 += 4) {
-                    const int4 nd4 = *reinterpret_cast<const int4*>(nl + t0);  // same address in every lane
-                    const int nd[4] = {nd4.x, nd4.y, nd4.z, nd4.w};
+                    const int4 r4 = *reinterpret_cast<const int4*>(rl + t0);  // same address in every lane
+                    const int code[4] = {r4.x, r4.y, r4.z, r4.w};
                     #pragma unroll
                     for (int u = 0; u < 4; ++u) {
-                        if (nd[u] != held && nd[u] >= 0) {  // warp-uniform: one load per run of a node
-                            load_vec<kReadOnly>(w_col + (long long)nd[u] * d_out, w);
-                            held = nd[u];
+                        if (code[u] != held && code[u] != -1) {  // warp-uniform: one load per run
+                            if (code[u] >= 0) load_vec<kShared>(s_col + code[u] * stride, w);
+                            else load_vec<kReadOnly>(g_col + (long long)(-2 - code[u]) * d_out, w);
+                            held = code[u];
                         }
                         const T a = al[t0 + u];
                         #pragma unroll
-                        for (int c = 0; c < VEC; ++c) acc[t0 + u][c] = fma(a, w[c], acc[t0 + u][c]);
+                        for (int e = 0; e < VEC; ++e) acc[t0 + u][e] = fma(a, w[e], acc[t0 + u][e]);
                     }
                 }
             }
             #pragma unroll
             for (int t = 0; t < TT; ++t) {
                 const int yt = s_tok[first + t];
-                if (yt >= 0) store_vec<T, VEC>(y + (long long)yt * d_out + (long long)v * VEC, acc[t]);
+                if (yt >= 0) store_vec<T, VEC>(y + (long long)yt * d_out + (long long)(v0 + c) * VEC, acc[t]);
             }
         }
     }
