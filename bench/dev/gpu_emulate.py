@@ -154,9 +154,9 @@ def _output_staged(grid, block, args):
 
 
 def _output_tiled(grid, block, args):
-    nodes, logits, n, d_out, w_out, depth, act, order, use_order, slice_vecs, max_rows, y = args
-    assert depth + 1 <= 25 and use_order == 1 and slice_vecs >= 1 and max_rows >= 1
-    _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, use_order, y))
+    nodes, logits, n, d_out, w_out, depth, act, order, slice_vecs, max_rows, y = args
+    assert depth + 1 <= 25 and slice_vecs >= 1 and max_rows >= 1
+    _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, 1, y))
 
 
 class _Kernel:

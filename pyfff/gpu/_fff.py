@@ -64,7 +64,7 @@ _VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "ou
 _VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6),
                     "out_tiled": (0, 4, 8)}
 _TILE_WARPS = 8  # PYFFF_TILE_WARPS: a chunk of fff_output_tiled is _TILE_WARPS * out_tiled positions
-_TILE_SLICE_VECS = 64  # column vectors per slice of fff_output_tiled (at most; slices are made equal)
+_TILE_SLICE_VECS = 32  # column vectors per slice of fff_output_tiled (at most; slices are made equal)
 _TILE_ROWS_PER_TOKEN = 1.5  # rows staged per chunk position (more runs than that read rows from global memory)
 _STAGED_ROUTE_BLOCK = 512  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its subtree fills most of the shared memory)
 # Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
@@ -79,6 +79,7 @@ _ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
 _ATTR_SMEM_PER_SM = 81  # cudaDevAttrMaxSharedMemoryPerMultiprocessor
 _ATTR_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 _SMEM_RESERVED = 1024  # shared memory the system reserves per block (sm_80 and later)
+_FUNC_ATTR_STATIC_SMEM = 1  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
 _FUNC_ATTR_NUM_REGS = 4  # CU_FUNC_ATTRIBUTE_NUM_REGS
 _FUNC_ATTR_MAX_DYN_SMEM = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _FUNC_ATTR_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
@@ -107,7 +108,8 @@ def _kernel(name, device_id):
     cp = _cupy()
     kernel = _loader.get_kernel(_KERNEL_FILE, name)
     if "_staged" in name or "_tiled" in name:  # may use all the shared memory a block can opt in to
-        cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_MAX_DYN_SMEM, _smem_optin(device_id))
+        static = cp.cuda.driver.funcGetAttribute(_FUNC_ATTR_STATIC_SMEM, kernel.kernel.ptr)
+        cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_MAX_DYN_SMEM, _smem_optin(device_id) - static)
     elif name.startswith(("fff_route", "fff_output")):
         # no shared memory: ask for the largest L1 (carveout 0 %), where weight rows are cached
         cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_CARVEOUT, 0)
@@ -125,9 +127,10 @@ def _smem_optin(device_id):
 
 
 def _tiled_smem(chunk, levels, itemsize, max_rows, row_elems):
-    """Dynamic shared memory of fff_output_tiled: the chunk's tables, then max_rows staged row slices."""
+    """Dynamic shared memory of fff_output_tiled: the chunk's tables, then two buffers of max_rows staged row
+    slices."""
     table = chunk * (levels * (itemsize + 8) + 8) + max_rows * 4
-    return -(-table // 16) * 16 + max_rows * row_elems * itemsize
+    return -(-table // 16) * 16 + 2 * max_rows * row_elems * itemsize
 
 
 def _subtree_bytes(levels, row_elems, itemsize):
@@ -294,8 +297,8 @@ class _Plan:
             grid = _grid(kernel, block, -(-n // chunk) * _TILE_WARPS, dev, nbytes)
             return _Launch(kernel, grid, block, [
                 _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
-                i32(layer.depth), i32(layer._act), _ptr(order), i32(1), i32(slice_vecs), i32(max_rows),
-                self.y_arg], grid_y=n_slices, smem=nbytes)
+                i32(layer.depth), i32(layer._act), _ptr(order), i32(slice_vecs), i32(max_rows), self.y_arg],
+                smem=nbytes)
         if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
             rows = key_level + 2 ** (levels - key_level) - 1
             slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev)
