@@ -843,6 +843,7 @@ __global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
         int n_runs = 0;
         for (int w = 0; w < PYFFF_TILE_WARPS; ++w) n_runs += warp_runs[w];
         const int staged = min(n_runs, max_rows);
+        __syncthreads();  // codes and row nodes are written
 
         // 3. slices, the next one's rows copied while this one is formed
         const int first = warp * TT;
@@ -860,7 +861,7 @@ __global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
         };
         stage(0);
         for (int slice = 0; slice < n_slices; ++slice) {
-            __syncthreads();  // codes and row nodes are written; slice + 1's buffer is no longer read (slice - 1)
+            __syncthreads();  // slice + 1's buffer is no longer read (by slice - 1)
             if (slice + 1 < n_slices) {
                 stage(slice + 1);
                 copies_wait<1>();
