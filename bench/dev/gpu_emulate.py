@@ -186,8 +186,8 @@ def _decode(carg):
 
 def emulated_launch(launch, stream_ptr):
     assert launch.grid >= 1 and launch.grid_y >= 1 and launch.block in (256, 384, 512, 768, 1024)
-    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name or "_tiled" in launch.kernel.name) == (
-        launch.smem > 0)
+    assert launch.smem <= 232448 and (launch.kernel.name.startswith(("fff_route", "fff_output_staged",
+                                                                     "fff_output_tiled")) == (launch.smem > 0))
     launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 

@@ -23,9 +23,11 @@ from pyfff.gpu import _fff
 REPEATS = 30
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
-    "staged,tiled-4": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tiled": 4}},
     "staged,per-token-output": {"splits": "staged", "sort_output": False, "smem": True,
                                 "variant": {"out_tiled": 0}},
+    "staged-split4": {"splits": (4,), "sort_output": False, "smem": True, "variant": {"out_tiled": 0}},
+    "staged-split5": {"splits": (5,), "sort_output": False, "smem": True, "variant": {"out_tiled": 0}},
+    "staged-split3-7": {"splits": (3, 7), "sort_output": False, "smem": True, "variant": {"out_tiled": 0}},
     "direct": {"splits": (), "sort_output": False, "smem": False},
 }
 
@@ -90,6 +92,8 @@ if __name__ == "__main__":
 
     if os.environ.get("PYFFF_DEV_KEEP_X") == "0":  # every route stage streams x (evict-first)
         _fff._KEEP_X_IN_L2 = False
+    if os.environ.get("PYFFF_DEV_STAGE_ALL") == "1":  # every route stage stages its rows in shared memory
+        _fff._STAGE_FIRST_ONLY = False
     if os.environ.get("PYFFF_DEV_TILE"):  # column vectors per slice, staged rows per position of fff_output_tiled
         slice_vecs, rows = os.environ["PYFFF_DEV_TILE"].split(",")
         _fff._TILE_SLICE_VECS, _fff._TILE_ROWS_PER_TOKEN = int(slice_vecs), float(rows)

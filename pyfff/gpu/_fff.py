@@ -70,6 +70,10 @@ _STAGED_ROUTE_BLOCK = 512  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its sub
 # Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
 # the last stage streams it (evict-first).
 _KEEP_X_IN_L2 = True
+# Only the first route stage stages its rows in shared memory (every token shares its subtree: one fill per
+# block); later stages, whose tokens arrive sorted by the subtree they need, read rows through L1.
+_STAGE_FIRST_ONLY = True
+_ROUTE_LANES = 16  # PYFFF_ROUTE_LANES: lanes per token in the route kernels
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
 _ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
@@ -107,7 +111,8 @@ def _kernel(name, device_id):
 
     cp = _cupy()
     kernel = _loader.get_kernel(_KERNEL_FILE, name)
-    if "_staged" in name or "_tiled" in name:  # may use all the shared memory a block can opt in to
+    if "_staged" in name or "_tiled" in name or name.startswith("fff_route<"):  # may use all the shared
+        # memory a block can opt in to
         static = cp.cuda.driver.funcGetAttribute(_FUNC_ATTR_STATIC_SMEM, kernel.kernel.ptr)
         cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_MAX_DYN_SMEM, _smem_optin(device_id) - static)
     elif name.startswith(("fff_route", "fff_output")):
@@ -220,7 +225,9 @@ class _Plan:
         r_block = variant["route_block"]
         exact = "true" if layer.d_in == _ROUTE_VECTORS * vec_in else "false"
         route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}>", dev)
-        route_grid = _grid(route, r_block, -(-n // _ROUTE_TOKENS_PER_WARP), dev)
+        # fff_route: one x buffer per lane group (the next token's x, copied while the group walks)
+        route_smem = (r_block // _ROUTE_LANES) * _ROUTE_VECTORS * vec_in * itemsize
+        route_grid = _grid(route, r_block, -(-n // _ROUTE_TOKENS_PER_WARP), dev, route_smem)
         staged_route = _kernel(f"fff_route_staged<{layer._ctype}, {vec_in}, {exact}>", dev) if smem else None
         scatter = _kernel("fff_bucket_scatter", dev)
         dummy = layer._dummy
@@ -249,12 +256,13 @@ class _Plan:
                         _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts),
                         i32(_KEEP_X_IN_L2 and not last)]
                 stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
-                if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or order is not None):
+                if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or (order is not None and
+                                                                          not _STAGE_FIRST_ONLY)):
                     args.append(_ptr(dummy if starts is None else starts))
                     grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes)
                     self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
-                    self.launches.append(_Launch(route, route_grid, r_block, args))
+                    self.launches.append(_Launch(route, route_grid, r_block, args, smem=route_smem))
                 if key_level >= 0:
                     perm = cp.empty(n, dtype=cp.int32)
                     self._keep.append(perm)

@@ -141,6 +141,19 @@ __device__ __forceinline__ void copies_done() {
 #endif
 }
 
+// Commit this thread's cp.async copies issued so far as one group; wait until at most N groups are pending.
+__device__ __forceinline__ void copies_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void copies_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
 // Stores of y are streaming too (written once, never read back by these kernels).
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&v)[VEC]);
@@ -227,6 +240,34 @@ __device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g
         if (EXACT || v < nvec) {
             if (keep) load_vec<kReadOnly>(xt + (long long)v * VEC, xr[j]);
             else load_vec<kStream>(xt + (long long)v * VEC, xr[j]);
+        } else {
+            #pragma unroll
+            for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
+        }
+    }
+}
+
+// The same vectors of x, copied asynchronously into this lane's part of a shared-memory buffer (a lane group's
+// buffer holds PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV vectors; lane g copies and later reads vectors g + 16 j, so
+// no other lane touches them), then moved into registers by take_x once the copies have landed.
+template <bool EXACT, typename T, int VEC>
+__device__ __forceinline__ void issue_x(const T* __restrict__ xt, int nvec, int g, T* buf) {
+    #pragma unroll
+    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+        const int v = g + PYFFF_ROUTE_LANES * j;
+        if (EXACT || v < nvec) copy_vec<T, VEC>(buf + v * VEC, xt + (long long)v * VEC);
+    }
+    copies_commit();
+}
+
+template <bool EXACT, typename T, int VEC>
+__device__ __forceinline__ void take_x(const T* buf, int nvec, int g, T (&xr)[PYFFF_ROUTE_XV][VEC]) {
+    copies_wait<0>();
+    #pragma unroll
+    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+        const int v = g + PYFFF_ROUTE_LANES * j;
+        if (EXACT || v < nvec) {
+            load_vec<kShared>(buf + v * VEC, xr[j]);
         } else {
             #pragma unroll
             for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
@@ -390,20 +431,36 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     int* __restrict__ counts,        // IN/OUT (2**key_level,) histogram of keys
     const int keep_x)                // a later stage reads x again: keep it in L2 (see load_x)
 {
+    extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
+    const int g = lane & (PYFFF_ROUTE_LANES - 1);
     const int slot = threadIdx.x / PYFFF_ROUTE_LANES;  // this lane group's token slot in the block
     const int n_slots = blockDim.x / PYFFF_ROUTE_LANES;
+    const int nvec = d_in / VEC;
     const PositionRange range = block_positions(n);
-    // warp-uniform loop: a group past the end repeats its neighbour's token without storing
-    for (long long p0 = range.begin + (slot & ~1); p0 < range.end; p0 += n_slots) {
+    // the group's x buffer: the next token's x is copied there while the group walks the current one
+    T* buf = reinterpret_cast<T*>(pyfff_smem) + (long long)slot * (PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV * VEC);
+    // the token at p0 (a group past the end repeats its neighbour's token without storing)
+    const auto token = [&](long long p0, bool& store) {
         const long long p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
-        const long long tok = token_at(order, use_order, p, n);
-        if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
+        store = p == p0 + (slot & 1);
+        return token_at(order, use_order, p, n);
+    };
+    long long p0 = range.begin + (slot & ~1);
+    bool store_n = false;
+    long long tok_n = p0 < range.end ? token(p0, store_n) : -1;
+    if (tok_n >= 0) issue_x<EXACT, T, VEC>(x + tok_n * d_in, nvec, g, buf);
+    for (; p0 < range.end; p0 += n_slots) {  // warp-uniform
+        const long long tok = tok_n;
+        const bool store = store_n;
         T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
-        load_x<EXACT>(x + tok * d_in, d_in / VEC, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
-        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, xr, x, d_in, w_in, b_in, has_bias,
-                                         n_trees, depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
-                                         (const T*)nullptr, (const T*)nullptr, -1);
+        if (tok >= 0) take_x<EXACT>(buf, nvec, g, xr);
+        tok_n = p0 + n_slots < range.end ? token(p0 + n_slots, store_n) : -1;
+        if (tok_n >= 0) issue_x<EXACT, T, VEC>(x + tok_n * d_in, nvec, g, buf);
+        if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
+        walk_token<false, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth, tree,
+                                         lo, hi, nodes, logits, key_level, keys, counts, (const T*)nullptr,
+                                         (const T*)nullptr, -1);
     }
 }
 
@@ -653,19 +710,6 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
 }
 
 // ---------------------------------------------------------------- output, register-tiled
-
-// Commit this thread's cp.async copies issued so far as one group; wait until at most N groups are pending.
-__device__ __forceinline__ void copies_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void copies_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-#endif
-}
 
 // Four consecutive T of shared memory (16-byte aligned), the same address in every lane.
 __device__ __forceinline__ void ld4(const float* p, float (&v)[4]) { ld_shared(p, v); }
