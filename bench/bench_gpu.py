@@ -49,7 +49,7 @@ BATCHES = (1, 2048, 16384)
 FFF_SCHEDULES = {
     "pyfff_gpu": None,
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
-    "staged,per-token-output": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"out_tiled": 0}},
+    "staged,all-stages-staged": {"splits": "staged", "sort_output": False, "smem": "all"},
     "direct": {"splits": (), "sort_output": False, "smem": False},
 }
 FFF_SCHEDULES = {k if v is None else f"pyfff_gpu[{k}]": v for k, v in FFF_SCHEDULES.items()}

@@ -45,8 +45,10 @@ SCHEDULES = {
     "staged_mid": ("mid", False, True),
     "staged_unsplit": ((), False, True),
     "staged_leafsort": ("mid", True, True),
+    "staged_all": ("staged", False, "all"),
+    "staged_all_leafsort": ("mid", True, "all"),
 }
-STAGED = ["staged", "staged_mid", "staged_unsplit", "staged_leafsort"]
+STAGED = ["staged", "staged_mid", "staged_unsplit", "staged_leafsort", "staged_all", "staged_all_leafsort"]
 
 
 # ---------------------------------------------------------------------------------------------- comparator
@@ -240,7 +242,7 @@ def test_staged_ultrafastbert_width(batch, dtype):
     cpu, gpu = make_layer(768, 768, depth=11, dtype=dtype, seed=7)
     assert gpu._staged_splits() == ((6,) if dtype == np.float32 else (4, 8))
     x = make_x(batch, 768, dtype, seed=batch)
-    for schedule in ("staged", "staged_mid", "staged_leafsort", "staged_unsplit"):
+    for schedule in ("staged", "staged_mid", "staged_leafsort", "staged_unsplit", "staged_all"):
         check_layer(cpu, x, *run_gpu(gpu, x, schedule))
 
 
@@ -284,7 +286,7 @@ def test_staged_skewed_routes(bias):
 def test_different_widths(dtype, d_in, d_out):
     cpu, gpu = make_layer(d_in, d_out, depth=4, n_trees=2, dtype=dtype)
     x = make_x(300, d_in, dtype)
-    for schedule in ("direct", "split_mid", "staged", "staged_mid"):
+    for schedule in ("direct", "split_mid", "staged", "staged_mid", "staged_all"):
         check_layer(cpu, x, *run_gpu(gpu, x, schedule))
 
 
@@ -321,7 +323,7 @@ def test_dtypes_and_activations(dtype, activation, schedule):
 @requires_gpu
 @pytest.mark.parametrize("splits,sort_output", [((), False), ((), True), ((1,), True), ((2, 5, 8), True),
                                                 ((12,), True), ((3, 12), False), ((4, 10), False)])
-@pytest.mark.parametrize("smem", [False, True], ids=["unstaged", "staged"])
+@pytest.mark.parametrize("smem", [False, True, "all"], ids=["unstaged", "staged", "staged_all"])
 @pytest.mark.parametrize("n_trees", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_schedules_deep_tree(splits, sort_output, smem, n_trees, dtype):
@@ -358,16 +360,14 @@ def test_gelu_is_accurate_to_an_ulp(dtype):
     assert bad.size == 0, (z[bad[:5]], got[bad[:5]], want[bad[:5]])
 
 
-# out_tiled 0: the per-token output kernels (fff_output, fff_output_staged) instead of fff_output_tiled.
-VARIANTS = ([{"route_block": rb, "out_block": ob, "out_tiled": 0} for rb in (256, 512) for ob in (256, 768)]
-            + [{"out_tpw": tpw, "out_sj": sj, "out_tiled": 0} for tpw in (1, 2, 4) for sj in (3, 6)]
-            + [{"out_tiled": tt} for tt in (4, 8)])
+VARIANTS = ([{"route_block": rb, "out_block": ob} for rb in (256, 512) for ob in (256, 768)]
+            + [{"out_tpw": tpw, "out_sj": sj} for tpw in (1, 2, 4) for sj in (3, 6)])
 
 
 @requires_gpu
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}{v[k]}" for k in v))
 @pytest.mark.parametrize("splits,sort_output,smem", [((), False, False), ((), True, False), ((3,), True, False),
-                                                     ((3,), False, True), ((), False, True)])
+                                                     ((3,), False, True), ((3,), False, "all"), ((), False, True)])
 @pytest.mark.parametrize("dtype,d_in,d_out", [(np.float32, 768, 768), (np.float32, 17, 9), (np.float64, 40, 30),
                                               (np.float64, 1100, 7), (np.float32, 36, 900)])
 @pytest.mark.parametrize("n_trees", [1, 2])
@@ -402,10 +402,11 @@ def test_bad_schedule():
     for splits in [(0,), (6,), (3, 2), (2, 2)]:
         with pytest.raises(ValueError, match="splits"):
             gpu._run(x, want_output=True, splits=splits, sort_output=True)
-    for variant in ({"route_block": 768}, {"out_block": 1024}, {"threads": 1}, {"out_tpw": 3}, {"out_sj": 4},
-                    {"out_tiled": 16}):
+    for variant in ({"route_block": 768}, {"out_block": 1024}, {"threads": 1}, {"out_tpw": 3}, {"out_sj": 4}):
         with pytest.raises(ValueError, match="variant"):
             gpu._run(x, want_output=True, variant=variant)
+    with pytest.raises(ValueError, match="smem"):
+        gpu._run(x, want_output=True, smem="first")
 
 
 @requires_gpu
@@ -472,7 +473,7 @@ def test_noncontiguous_and_misaligned_inputs():
 
 
 @requires_gpu
-@pytest.mark.parametrize("schedule", ["direct", "split_mid", "staged", "staged_mid", "staged_leafsort"])
+@pytest.mark.parametrize("schedule", ["direct", "split_mid", "staged", "staged_mid", "staged_leafsort", "staged_all"])
 def test_results_do_not_depend_on_schedule_or_run(schedule):
     """Bitwise equal across runs (the bucket order inside a sort varies with timing) and schedules."""
     cpu, gpu = make_layer(128, 128, depth=8, n_trees=2)
@@ -484,26 +485,6 @@ def test_results_do_not_depend_on_schedule_or_run(schedule):
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_array_equal(y1, y3)
     np.testing.assert_array_equal(r1, r3)
-
-
-@requires_gpu
-@pytest.mark.parametrize("dtype,d_in,d_out,depth", [(np.float32, 768, 768, 11), (np.float64, 40, 30, 7),
-                                                    (np.float32, 17, 9, 0)])
-def test_output_kernels_give_the_same_bits(dtype, d_in, d_out, depth):
-    """One-tree layers: the register-tiled output (both tile sizes; used where the output follows a sort) and
-    the per-token output kernels (staged and unstaged) give bitwise the same y."""
-    import cupy as cp
-
-    cpu, gpu = make_layer(d_in, d_out, depth=depth, dtype=dtype, seed=depth)
-    x = cp.asarray(make_x(2999, d_in, dtype))
-    results = []
-    for splits, smem, sort_output in (((), False, False), ((), False, True), ("staged", True, False)):
-        for variant in ({"out_tiled": 0}, {"out_tiled": 4}, {"out_tiled": 8}):
-            y, _ = gpu._run(x, want_output=True, splits=splits, smem=smem, sort_output=sort_output, variant=variant)
-            results.append(cp.asnumpy(y))
-    for y in results[1:]:
-        np.testing.assert_array_equal(y, results[0])
-    check_layer(cpu, cp.asnumpy(x), results[0], cp.asnumpy(gpu.routes(x)))
 
 
 @requires_gpu

@@ -3,7 +3,7 @@
 A development aid, not a test of the kernels: it replaces ``cupy`` with a tiny
 module whose arrays are NumPy arrays and whose kernels
 (``fff_route``, ``fff_route_staged``, ``fff_bucket_scatter``, ``fff_output``,
-``fff_output_staged``, ``fff_output_tiled``) are NumPy
+``fff_output_staged``) are NumPy
 re-implementations that unpack the prepared (ctypes) arguments of each launch
 in the order of the ``kernels/fff.cu`` signatures. That checks the orchestration in
 ``pyfff/gpu/_fff.py`` (schedules, key levels, argument lists, dtype and shape
@@ -153,20 +153,13 @@ def _output_staged(grid, block, args):
     _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, use_order, y))
 
 
-def _output_tiled(grid, block, args):
-    nodes, logits, n, d_out, w_out, depth, act, order, slice_vecs, max_rows, y = args
-    assert depth + 1 <= 25 and slice_vecs >= 1 and max_rows >= 1
-    _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, 1, y))
-
-
 class _Kernel:
     def __init__(self, name):
         self.name = name
         self.kernel = types.SimpleNamespace(ptr=id(self))
         base = name.split("<")[0]
         self._fn = {"fff_route": _route, "fff_route_staged": _route, "fff_bucket_scatter": _scatter,
-                    "fff_output": _output, "fff_output_staged": _output_staged,
-                    "fff_output_tiled": _output_tiled}[base]
+                    "fff_output": _output, "fff_output_staged": _output_staged}[base]
 
 
 def _decode(carg):
@@ -186,8 +179,7 @@ def _decode(carg):
 
 def emulated_launch(launch, stream_ptr):
     assert launch.grid >= 1 and launch.grid_y >= 1 and launch.block in (256, 384, 512, 768, 1024)
-    assert launch.smem <= 232448 and (launch.kernel.name.startswith(("fff_route", "fff_output_staged",
-                                                                     "fff_output_tiled")) == (launch.smem > 0))
+    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name) == (launch.smem > 0)
     launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 

@@ -12,7 +12,4 @@ void* pyfff_gpu_sass_kernels[] = {
     (void*)&fff_route_staged<float, 4, true>,
     (void*)&fff_route<float, 4, true>,
     (void*)&fff_output_staged<float, 4, 6, 2>,
-    (void*)&fff_output_tiled<float, 4, 8>,
-    (void*)&fff_output_tiled<float, 4, 4>,
-    (void*)&fff_output_tiled<double, 2, 8>,
 };

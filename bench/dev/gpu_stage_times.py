@@ -1,8 +1,7 @@
 """Per-kernel GPU time of pyfff.gpu's pipeline at the benchmark shape, with CUDA events around each launch.
 
 Run (repository root, GPU machine): PYTHONPATH=$PWD python bench/dev/gpu_stage_times.py [batch ...]
-Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_TILE=slice_vecs,rows_per_position
-sets fff_output_tiled's column slices and staged rows; PYFFF_DEV_ROUTE=lanes,block (below).
+Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_ROUTE=lanes,block (below).
 
 For each schedule, builds the launch plan with one call, then enqueues its launches one at a time with a
 CUDA event between consecutive launches, `REPEATS` times, and prints the best time of each launch (kernel
@@ -23,11 +22,8 @@ from pyfff.gpu import _fff
 REPEATS = 30
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
-    "staged,per-token-output": {"splits": "staged", "sort_output": False, "smem": True,
-                                "variant": {"out_tiled": 0}},
-    "staged-split4": {"splits": (4,), "sort_output": False, "smem": True, "variant": {"out_tiled": 0}},
-    "staged-split5": {"splits": (5,), "sort_output": False, "smem": True, "variant": {"out_tiled": 0}},
-    "staged-split3-7": {"splits": (3, 7), "sort_output": False, "smem": True, "variant": {"out_tiled": 0}},
+    "staged,leaf-output": {"splits": "staged", "sort_output": True, "smem": True},
+    "staged,all-stages-staged": {"splits": "staged", "sort_output": False, "smem": "all"},
     "direct": {"splits": (), "sort_output": False, "smem": False},
 }
 
@@ -92,11 +88,6 @@ if __name__ == "__main__":
 
     if os.environ.get("PYFFF_DEV_KEEP_X") == "0":  # every route stage streams x (evict-first)
         _fff._KEEP_X_IN_L2 = False
-    if os.environ.get("PYFFF_DEV_STAGE_ALL") == "1":  # every route stage stages its rows in shared memory
-        _fff._STAGE_FIRST_ONLY = False
-    if os.environ.get("PYFFF_DEV_TILE"):  # column vectors per slice, staged rows per position of fff_output_tiled
-        slice_vecs, rows = os.environ["PYFFF_DEV_TILE"].split(",")
-        _fff._TILE_SLICE_VECS, _fff._TILE_ROWS_PER_TOKEN = int(slice_vecs), float(rows)
     if os.environ.get("PYFFF_DEV_ROUTE"):
         route_variant(*(int(v) for v in os.environ["PYFFF_DEV_ROUTE"].split(",")))
     main([int(a) for a in sys.argv[1:]] or [2048, 16384])

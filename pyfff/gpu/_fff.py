@@ -58,22 +58,12 @@ _SMEM_MIN_TOKENS = 12288
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
 # one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
 # fff_output_staged.
-# out_tiled: tokens per warp of fff_output_tiled (one-tree layers whose output follows a sort), or 0 for the
-# per-token output kernels.
-_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "out_tiled": 8}
-_VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6),
-                    "out_tiled": (0, 4, 8)}
-_TILE_WARPS = 8  # PYFFF_TILE_WARPS: a chunk of fff_output_tiled is _TILE_WARPS * out_tiled positions
-_TILE_SLICE_VECS = 32  # column vectors per slice of fff_output_tiled (at most; slices are made equal)
-_TILE_ROWS_PER_TOKEN = 1.5  # rows staged per chunk position (more runs than that read rows from global memory)
+_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6}
+_VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6)}
 _STAGED_ROUTE_BLOCK = 512  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its subtree fills most of the shared memory)
 # Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
 # the last stage streams it (evict-first).
 _KEEP_X_IN_L2 = True
-# Only the first route stage stages its rows in shared memory (every token shares its subtree: one fill per
-# block); later stages, whose tokens arrive sorted by the subtree they need, read rows through L1.
-_STAGE_FIRST_ONLY = True
-_ROUTE_LANES = 16  # PYFFF_ROUTE_LANES: lanes per token in the route kernels
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
 _ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
@@ -111,8 +101,7 @@ def _kernel(name, device_id):
 
     cp = _cupy()
     kernel = _loader.get_kernel(_KERNEL_FILE, name)
-    if "_staged" in name or "_tiled" in name or name.startswith("fff_route<"):  # may use all the shared
-        # memory a block can opt in to
+    if "_staged" in name:  # may use all the shared memory a block can opt in to
         static = cp.cuda.driver.funcGetAttribute(_FUNC_ATTR_STATIC_SMEM, kernel.kernel.ptr)
         cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_MAX_DYN_SMEM, _smem_optin(device_id) - static)
     elif name.startswith(("fff_route", "fff_output")):
@@ -129,13 +118,6 @@ def _staged_out_block(sj, tpw):
 def _smem_optin(device_id):
     """Bytes of dynamic shared memory one block may use on the device."""
     return int(_cupy().cuda.runtime.deviceGetAttribute(_ATTR_SMEM_OPTIN, device_id))
-
-
-def _tiled_smem(chunk, levels, itemsize, max_rows, row_elems):
-    """Dynamic shared memory of fff_output_tiled: the chunk's tables, then two buffers of max_rows staged row
-    slices."""
-    table = chunk * (levels * (itemsize + 8) + 8) + max_rows * 4
-    return -(-table // 16) * 16 + 2 * max_rows * row_elems * itemsize
 
 
 def _subtree_bytes(levels, row_elems, itemsize):
@@ -225,9 +207,7 @@ class _Plan:
         r_block = variant["route_block"]
         exact = "true" if layer.d_in == _ROUTE_VECTORS * vec_in else "false"
         route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}>", dev)
-        # fff_route: one x buffer per lane group (the next token's x, copied while the group walks)
-        route_smem = (r_block // _ROUTE_LANES) * _ROUTE_VECTORS * vec_in * itemsize
-        route_grid = _grid(route, r_block, -(-n // _ROUTE_TOKENS_PER_WARP), dev, route_smem)
+        route_grid = _grid(route, r_block, -(-n // _ROUTE_TOKENS_PER_WARP), dev)
         staged_route = _kernel(f"fff_route_staged<{layer._ctype}, {vec_in}, {exact}>", dev) if smem else None
         scatter = _kernel("fff_bucket_scatter", dev)
         dummy = layer._dummy
@@ -256,13 +236,12 @@ class _Plan:
                         _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts),
                         i32(_KEEP_X_IN_L2 and not last)]
                 stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
-                if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or (order is not None and
-                                                                          not _STAGE_FIRST_ONLY)):
+                if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or (order is not None and smem == "all")):
                     args.append(_ptr(dummy if starts is None else starts))
                     grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes)
                     self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
-                    self.launches.append(_Launch(route, route_grid, r_block, args, smem=route_smem))
+                    self.launches.append(_Launch(route, route_grid, r_block, args))
                 if key_level >= 0:
                     perm = cp.empty(n, dtype=cp.int32)
                     self._keep.append(perm)
@@ -293,20 +272,6 @@ class _Plan:
         vec_out = 16 // layer.dtype.itemsize if layer.d_out % (16 // layer.dtype.itemsize) == 0 else 1
         nvec = layer.d_out // vec_out
         levels = layer.depth + 1
-        tt = variant["out_tiled"]
-        if tt and layer.n_trees == 1 and order is not None:
-            chunk = _TILE_WARPS * tt
-            n_slices = -(-nvec // _TILE_SLICE_VECS)
-            slice_vecs = -(-nvec // n_slices)
-            max_rows = int(_TILE_ROWS_PER_TOKEN * chunk)
-            nbytes = _tiled_smem(chunk, levels, layer.dtype.itemsize, max_rows, slice_vecs * vec_out)
-            kernel = _kernel(f"fff_output_tiled<{layer._ctype}, {vec_out}, {tt}>", dev)
-            block = 32 * _TILE_WARPS
-            grid = _grid(kernel, block, -(-n // chunk) * _TILE_WARPS, dev, nbytes)
-            return _Launch(kernel, grid, block, [
-                _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
-                i32(layer.depth), i32(layer._act), _ptr(order), i32(slice_vecs), i32(max_rows), self.y_arg],
-                smem=nbytes)
         if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
             rows = key_level + 2 ** (levels - key_level) - 1
             slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev)
@@ -482,7 +447,9 @@ class FFF:
         """(splits, sort_output, smem) used for a batch of n tokens by default.
 
         Large batches stage weight rows in shared memory (``smem``): the route is split into stages whose
-        subtrees fit (re-sorting the tokens by node between stages) and the output follows the last sort.
+        subtrees fit (re-sorting the tokens by node between stages); the first stage (whose subtree every
+        token shares) stages its rows, later stages read theirs through L1 (their tokens arrive grouped by
+        subtree; measured faster than staging them, docs/gpu.md) and the output follows the last sort.
         Small batches walk in batch order from L1/L2: staging a subtree costs more than its few tokens save.
         """
         if n < _SMEM_MIN_TOKENS:
@@ -507,19 +474,22 @@ class FFF:
         return tuple(b for b in bounds if 1 <= b <= min(self.depth, _MAX_KEY_LEVEL))
 
     def _check_schedule(self, splits, sort_output, smem):
+        if smem not in (False, True, "all"):
+            raise ValueError(f"smem must be False, True or 'all', got {smem!r}")
         splits = tuple(int(s) for s in splits)
         top = min(self.depth, _MAX_KEY_LEVEL)
         if any(not 1 <= s <= top for s in splits) or list(splits) != sorted(set(splits)):
             raise ValueError(f"splits must be increasing levels in 1..{top}, got {splits}")
-        return splits, bool(sort_output), bool(smem)
+        return splits, bool(sort_output), smem
 
     def _run(self, x2, *, want_output, splits=None, sort_output=None, smem=None, variant=None):
         """Run the pipeline on a (n, d_in) CuPy array; returns (y or None, (nodes, logits)).
 
         ``splits`` (levels at which the tokens are re-sorted by their node there, or "staged": the
         boundaries the staged schedule uses), ``sort_output`` (whether ``y`` is formed in leaf order),
-        ``smem`` (whether route stages and the output stage their weight rows in shared memory where they
-        fit) and ``variant`` (kernel variants, keys of ``_VARIANT``) default to :meth:`_schedule` and
+        ``smem`` (True: the first route stage and the output stage their weight rows in shared memory where
+        they fit, later route stages read theirs through L1 in sorted order; "all": every route stage that
+        fits stages them; False: none) and ``variant`` (kernel variants, keys of ``_VARIANT``) default to :meth:`_schedule` and
         ``_VARIANT``; every choice gives bitwise the same results. ``nodes`` and ``logits`` are workspaces
         of the launch plan, overwritten by the next call with the same plan.
         """

@@ -27,17 +27,13 @@ _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 # and tokens per warp (TPW).
 _STAGED_OUT_SJ = (3, 6)
 _STAGED_OUT_TPW = (1, 2, 4)
-# fff_output_tiled takes the tokens each warp forms at once (TT).
-_TILED_OUT_TT = (4, 8)
 
 NAME_EXPRESSIONS = {
     "fff.cu": tuple(f"fff_output<{ctype}, {vec}>" for ctype, vecs in _TYPES for vec in vecs)
     + tuple(f"{kernel}<{ctype}, {vec}, {exact}>" for kernel in ("fff_route", "fff_route_staged")
             for ctype, vecs in _TYPES for vec in vecs for exact in ("false", "true"))
     + tuple(f"fff_output_staged<{ctype}, {vec}, {sj}, {tpw}>" for ctype, vecs in _TYPES for vec in vecs
-            for sj in _STAGED_OUT_SJ for tpw in _STAGED_OUT_TPW)
-    + tuple(f"fff_output_tiled<{ctype}, {vec}, {tt}>" for ctype, vecs in _TYPES for vec in vecs
-            for tt in _TILED_OUT_TT),
+            for sj in _STAGED_OUT_SJ for tpw in _STAGED_OUT_TPW),
 }
 
 

@@ -141,19 +141,6 @@ __device__ __forceinline__ void copies_done() {
 #endif
 }
 
-// Commit this thread's cp.async copies issued so far as one group; wait until at most N groups are pending.
-__device__ __forceinline__ void copies_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void copies_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-#endif
-}
-
 // Stores of y are streaming too (written once, never read back by these kernels).
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const T (&v)[VEC]);
@@ -240,34 +227,6 @@ __device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g
         if (EXACT || v < nvec) {
             if (keep) load_vec<kReadOnly>(xt + (long long)v * VEC, xr[j]);
             else load_vec<kStream>(xt + (long long)v * VEC, xr[j]);
-        } else {
-            #pragma unroll
-            for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
-        }
-    }
-}
-
-// The same vectors of x, copied asynchronously into this lane's part of a shared-memory buffer (a lane group's
-// buffer holds PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV vectors; lane g copies and later reads vectors g + 16 j, so
-// no other lane touches them), then moved into registers by take_x once the copies have landed.
-template <bool EXACT, typename T, int VEC>
-__device__ __forceinline__ void issue_x(const T* __restrict__ xt, int nvec, int g, T* buf) {
-    #pragma unroll
-    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
-        const int v = g + PYFFF_ROUTE_LANES * j;
-        if (EXACT || v < nvec) copy_vec<T, VEC>(buf + v * VEC, xt + (long long)v * VEC);
-    }
-    copies_commit();
-}
-
-template <bool EXACT, typename T, int VEC>
-__device__ __forceinline__ void take_x(const T* buf, int nvec, int g, T (&xr)[PYFFF_ROUTE_XV][VEC]) {
-    copies_wait<0>();
-    #pragma unroll
-    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
-        const int v = g + PYFFF_ROUTE_LANES * j;
-        if (EXACT || v < nvec) {
-            load_vec<kShared>(buf + v * VEC, xr[j]);
         } else {
             #pragma unroll
             for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
@@ -431,36 +390,22 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     int* __restrict__ counts,        // IN/OUT (2**key_level,) histogram of keys
     const int keep_x)                // a later stage reads x again: keep it in L2 (see load_x)
 {
-    extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
-    const int g = lane & (PYFFF_ROUTE_LANES - 1);
     const int slot = threadIdx.x / PYFFF_ROUTE_LANES;  // this lane group's token slot in the block
     const int n_slots = blockDim.x / PYFFF_ROUTE_LANES;
-    const int nvec = d_in / VEC;
     const PositionRange range = block_positions(n);
-    // the group's x buffer: the next token's x is copied there while the group walks the current one
-    T* buf = reinterpret_cast<T*>(pyfff_smem) + (long long)slot * (PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV * VEC);
-    // the token at p0 (a group past the end repeats its neighbour's token without storing)
-    const auto token = [&](long long p0, bool& store) {
+    // warp-uniform loop: a group past the end repeats its neighbour's token without storing
+    // (x is loaded when the walk starts: copying the next token's x into shared memory during the walk
+    // measured slower, docs/gpu.md)
+    for (long long p0 = range.begin + (slot & ~1); p0 < range.end; p0 += n_slots) {
         const long long p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
-        store = p == p0 + (slot & 1);
-        return token_at(order, use_order, p, n);
-    };
-    long long p0 = range.begin + (slot & ~1);
-    bool store_n = false;
-    long long tok_n = p0 < range.end ? token(p0, store_n) : -1;
-    if (tok_n >= 0) issue_x<EXACT, T, VEC>(x + tok_n * d_in, nvec, g, buf);
-    for (; p0 < range.end; p0 += n_slots) {  // warp-uniform
-        const long long tok = tok_n;
-        const bool store = store_n;
-        T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
-        if (tok >= 0) take_x<EXACT>(buf, nvec, g, xr);
-        tok_n = p0 + n_slots < range.end ? token(p0 + n_slots, store_n) : -1;
-        if (tok_n >= 0) issue_x<EXACT, T, VEC>(x + tok_n * d_in, nvec, g, buf);
+        const long long tok = token_at(order, use_order, p, n);
         if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
-        walk_token<false, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth, tree,
-                                         lo, hi, nodes, logits, key_level, keys, counts, (const T*)nullptr,
-                                         (const T*)nullptr, -1);
+        T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
+        load_x<EXACT>(x + tok * d_in, d_in / VEC, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
+        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, xr, x, d_in, w_in, b_in, has_bias,
+                                         n_trees, depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
+                                         (const T*)nullptr, (const T*)nullptr, -1);
     }
 }
 
@@ -704,231 +649,6 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
             for (int j = 0; j < J; ++j) {
                 const int v = v0 + lane + 32 * j;
                 if (v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------- output, register-tiled
-
-// Four consecutive T of shared memory (16-byte aligned), the same address in every lane.
-__device__ __forceinline__ void ld4(const float* p, float (&v)[4]) { ld_shared(p, v); }
-__device__ __forceinline__ void ld4(const double* p, double (&v)[4]) {
-    double a[2], b[2];
-    ld_shared(p, a);
-    ld_shared(p + 2, b);
-    v[0] = a[0]; v[1] = a[1]; v[2] = b[0]; v[3] = b[1];
-}
-
-// One slice's outputs of a warp's TT sorted tokens: acc[t] = sum over levels of act * row vector, in level order.
-// Codes (see fff_output_tiled): >= 0 load staged row `code`, -1 keep the loaded row, <= -2 load row -2 - code of
-// w_out from global memory (ALL_STAGED: there are none, so a load is one predicated shared load).
-template <bool ALL_STAGED, typename T, int VEC, int TT>
-__device__ __forceinline__ void tile_terms(const int* s_code, const T* s_act, int levels, int chunk, const T* s_col,
-                                           int stride, const T* __restrict__ g_col, int d_out, T (&acc)[TT][VEC]) {
-    #pragma unroll
-    for (int t = 0; t < TT; ++t) {
-        #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[t][e] = T(0);
-    }
-    T w[VEC];
-    #pragma unroll
-    for (int e = 0; e < VEC; ++e) w[e] = T(0);
-    for (int l = 0; l < levels; ++l) {
-        #pragma unroll
-        for (int t0 = 0; t0 < TT; t0 += 4) {
-            const int4 c4 = *reinterpret_cast<const int4*>(s_code + l * chunk + t0);
-            const int code[4] = {c4.x, c4.y, c4.z, c4.w};
-            T a[4];
-            ld4(s_act + l * chunk + t0, a);
-            #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                if (ALL_STAGED) {
-                    if (code[u] >= 0) load_vec<kShared>(s_col + code[u] * stride, w);
-                } else if (code[u] != -1) {
-                    if (code[u] >= 0) load_vec<kShared>(s_col + code[u] * stride, w);
-                    else load_vec<kReadOnly>(g_col + (long long)(-2 - code[u]) * d_out, w);
-                }
-                #pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[t0 + u][e] = fma(a[u], w[e], acc[t0 + u][e]);
-            }
-        }
-    }
-}
-
-// fff_output for a one-tree layer, each weight row read once for a run of neighbouring tokens that share it.
-//
-// A block takes chunks of CH = PYFFF_TILE_WARPS * TT positions (the order of `order`). Per chunk:
-//   1. it sorts the chunk's tokens by their leaf, so that neighbours share their upper nodes (all of them
-//      share levels 0 .. k when the order is sorted by a node of level k and the chunk lies in one bucket);
-//   2. it tabulates each sorted token's activation of every level and numbers the runs of tokens that visit
-//      the same node at a level (tokens sorted by leaf are sorted by node at every level): run r's row is
-//      staged as row r for the first max_rows runs, later runs read their row from global memory. A token's
-//      code says what to load before its term: its run's row where the run starts or the token is the first
-//      of a warp, else nothing (-1);
-//   3. it goes through the column slices of slice_vecs vectors, staging the runs' rows of the next slice
-//      with cp.async (two buffers) while the warps form this slice: warp w the outputs of sorted tokens
-//      w * TT .. w * TT + TT - 1, each lane TT accumulators of VEC elements per column vector.
-// Same sums in the same order as fff_output (level order, each term an fma): bitwise the same y.
-//
-// Dynamic shared memory (host: _tiled_smem): the tables, CH * (levels * (sizeof(T) + 2 * sizeof(int)) +
-// 2 * sizeof(int)) + max_rows * sizeof(int) rounded up to 16, then 2 * max_rows * slice_vecs * VEC * sizeof(T).
-#define PYFFF_TILE_WARPS 8
-#define PYFFF_TILE_THREADS (32 * PYFFF_TILE_WARPS)
-
-template <typename T, int VEC, int TT>
-__global__ void __launch_bounds__(PYFFF_TILE_THREADS, 2) fff_output_tiled(
-    const int* __restrict__ nodes,   // IN  (n, 1, depth + 1)
-    const T* __restrict__ logits,    // IN  (n, 1, depth + 1)
-    const long long n,
-    const int d_out,                 // multiple of VEC
-    const T* __restrict__ w_out,     // IN  (n_nodes, d_out)
-    const int depth,
-    const int act,
-    const int* __restrict__ order,   // IN  (n,) positions -> tokens
-    const int slice_vecs,            // column vectors per slice, 1 .. 32 * k
-    const int max_rows,              // rows staged per slice
-    T* __restrict__ y)               // OUT (n, d_out)
-{
-    constexpr int CH = PYFFF_TILE_WARPS * TT;  // positions per chunk
-    static_assert(TT % 4 == 0, "tables are read four tokens at a time");
-    extern __shared__ __align__(16) unsigned char pyfff_smem[];
-    __shared__ int warp_runs[PYFFF_TILE_WARPS];
-    const int levels = depth + 1;
-    const int items = levels * CH;
-    T* s_act = reinterpret_cast<T*>(pyfff_smem);         // (levels, CH): activation of each sorted token
-    int* s_node = reinterpret_cast<int*>(s_act + items);  // (levels, CH): its node, -1 if none
-    int* s_code = s_node + items;                         // (levels, CH): its code
-    int* s_tok = s_code + items;                          // (CH,) sorted tokens, -1 past the end
-    int* s_key = s_tok + CH;                              // (CH,) leaf of each position's token
-    int* s_rownode = s_key + CH;                          // (max_rows,) node of each staged row
-    T* s_w = reinterpret_cast<T*>(pyfff_smem + ((((char*)(s_rownode + max_rows) - (char*)pyfff_smem) + 15) & ~15));
-    const int stride = slice_vecs * VEC;       // elements per staged row
-    const int buf = max_rows * stride;         // elements per buffer of staged rows
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int nvec = d_out / VEC;
-    const int n_slices = (nvec + slice_vecs - 1) / slice_vecs;
-    const long long n_chunks = (n + CH - 1) / CH;
-
-    for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {  // block-uniform
-        const long long p0 = chunk * CH;
-        __syncthreads();  // the previous chunk's tables and rows are no longer read
-        // 1. sort by leaf: a token's rank = positions with a smaller key, or the same key and before it
-        int tok = -1;
-        int key = 0x7fffffff;  // past the end: sorted last
-        if (tid < CH && p0 + tid < n) {
-            tok = (int)token_at(order, 1, p0 + tid, n);
-            if (tok >= 0) key = __ldg(nodes + (long long)tok * levels + depth);
-        }
-        if (tid < CH) s_key[tid] = key;
-        __syncthreads();
-        if (tid < CH) {
-            int rank = 0;
-            for (int j = 0; j < CH; ++j) {
-                const int kj = s_key[j];
-                rank += (kj < key || (kj == key && j < tid)) ? 1 : 0;
-            }
-            s_tok[rank] = tok;
-        }
-        __syncthreads();
-        // 2a. nodes and activations (a token's levels are adjacent in nodes and logits)
-        for (int i = tid; i < items; i += PYFFF_TILE_THREADS) {
-            const int s = i / levels;
-            const int l = i - s * levels;
-            const int t = s_tok[s];
-            int nd = -1;
-            T a = T(0);
-            if (t >= 0) {
-                nd = __ldg(nodes + (long long)t * levels + l);
-                a = activation(__ldg(logits + (long long)t * levels + l), act);
-            }
-            s_node[l * CH + s] = nd;
-            s_act[l * CH + s] = a;
-        }
-        __syncthreads();
-        // 2b. runs in (level, position) order: each thread a contiguous range of items, then a block scan
-        const int per = (items + PYFFF_TILE_THREADS - 1) / PYFFF_TILE_THREADS;
-        const int i0 = min(tid * per, items);
-        const int i1 = min(i0 + per, items);
-        int nd_prev = i0 > 0 && i0 % CH != 0 ? s_node[i0 - 1] : -1;  // a level's first position starts a run
-        int starts = 0;
-        for (int i = i0; i < i1; ++i) {
-            const int nd = s_node[i];
-            starts += (nd >= 0 && (i % CH == 0 || nd != nd_prev)) ? 1 : 0;
-            nd_prev = nd;
-        }
-        int incl = starts;
-        #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int t = __shfl_up_sync(PYFFF_FULL_MASK, incl, o);
-            if (lane >= o) incl += t;
-        }
-        if (lane == 31) warp_runs[warp] = incl;
-        __syncthreads();
-        int run = incl - starts;  // runs before this thread's first item
-        for (int w = 0; w < warp; ++w) run += warp_runs[w];
-        nd_prev = i0 > 0 && i0 % CH != 0 ? s_node[i0 - 1] : -1;
-        for (int i = i0; i < i1; ++i) {
-            const int nd = s_node[i];
-            int code = -1;
-            if (nd >= 0) {
-                const bool start = i % CH == 0 || nd != nd_prev;
-                if (start) {
-                    if (run < max_rows) s_rownode[run] = nd;
-                    ++run;
-                }
-                if (start || i % TT == 0) code = run - 1 < max_rows ? run - 1 : -2 - nd;
-            }
-            nd_prev = nd;
-            s_code[i] = code;
-        }
-        int n_runs = 0;
-        for (int w = 0; w < PYFFF_TILE_WARPS; ++w) n_runs += warp_runs[w];
-        const int staged = min(n_runs, max_rows);
-        __syncthreads();  // codes and row nodes are written
-
-        // 3. slices, the next one's rows copied while this one is formed
-        const int first = warp * TT;
-        const bool active = s_tok[first] >= 0;  // sorted tokens come first
-        const auto stage = [&](int slice) {
-            const int v0 = slice * slice_vecs;
-            const int sv = min(slice_vecs, nvec - v0);
-            T* dst = s_w + (slice & 1) * buf;
-            for (int i = tid; i < staged * sv; i += PYFFF_TILE_THREADS) {
-                const int r = i / sv;
-                const int c = i - r * sv;
-                copy_vec<T, VEC>(dst + r * stride + c * VEC, w_out + (long long)s_rownode[r] * d_out + (long long)(v0 + c) * VEC);
-            }
-            copies_commit();
-        };
-        stage(0);
-        for (int slice = 0; slice < n_slices; ++slice) {
-            __syncthreads();  // slice + 1's buffer is no longer read (by slice - 1)
-            if (slice + 1 < n_slices) {
-                stage(slice + 1);
-                copies_wait<1>();
-            } else {
-                copies_wait<0>();
-            }
-            __syncthreads();  // this slice's rows are in
-            if (!active) continue;  // warp-uniform
-            const int v0 = slice * slice_vecs;
-            const int sv = min(slice_vecs, nvec - v0);
-            for (int c = lane; c < sv; c += 32) {
-                T acc[TT][VEC];
-                const T* s_col = s_w + (slice & 1) * buf + c * VEC;
-                const T* __restrict__ g_col = w_out + (long long)(v0 + c) * VEC;
-                if (n_runs <= max_rows)
-                    tile_terms<true, T, VEC, TT>(s_code + first, s_act + first, levels, CH, s_col, stride, g_col, d_out, acc);
-                else
-                    tile_terms<false, T, VEC, TT>(s_code + first, s_act + first, levels, CH, s_col, stride, g_col, d_out, acc);
-                #pragma unroll
-                for (int t = 0; t < TT; ++t) {
-                    const int yt = s_tok[first + t];
-                    if (yt >= 0) store_vec<T, VEC>(y + (long long)yt * d_out + (long long)(v0 + c) * VEC, acc[t]);
-                }
             }
         }
     }
