@@ -488,6 +488,23 @@ def test_results_do_not_depend_on_schedule_or_run(schedule):
 
 
 @requires_gpu
+@pytest.mark.parametrize("schedule", ["split_mid", "split_1", "staged", "staged_mid", "staged_leafsort"])
+def test_sort_handoff_by_slots_or_scatter(schedule, monkeypatch):
+    """A route stage hands its tokens to the next (when that runs fff_route) in bucket slots, or, where the
+    slots would take too much memory, through fff_bucket_scatter: both give bitwise the same results."""
+    from pyfff.gpu import _fff
+
+    cpu = pyfff.FFF.random(40, 24, 9, n_trees=2, seed=9)
+    x = make_x(3001, 40)
+    y_slots, r_slots = run_gpu(pyfff.gpu.FFF.from_cpu(cpu), x, schedule)
+    monkeypatch.setattr(_fff, "_SLOT_BYTES", 0)
+    y_scatter, r_scatter = run_gpu(pyfff.gpu.FFF.from_cpu(cpu), x, schedule)
+    np.testing.assert_array_equal(r_slots, r_scatter)
+    np.testing.assert_array_equal(y_slots, y_scatter)
+    check_layer(cpu, x, y_slots, r_slots)
+
+
+@requires_gpu
 def test_nan_and_inf_input():
     cpu, gpu = make_layer(12, 6, depth=5, n_trees=2)
     x = make_x(40, 12)

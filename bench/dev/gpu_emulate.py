@@ -59,11 +59,25 @@ def _arr(a):
 
 def _route(grid, block, args):
     (x, n, d_in, w_in, b_in, has_bias, n_trees, depth, tree, lo, hi, order, use_order, nodes, logits,
-     key_level, keys, counts, keep_x) = args[:19]
+     key_level, keys, counts, keep_x, slots, slot_cap, in_counts, in_cap, perm_out, starts_out) = args[:25]
     assert keep_x in (0, 1) and (keep_x == 0 or hi < depth + 1)  # only stages before the last keep x in L2
-    if len(args) == 20 and lo > 0:  # fff_route_staged: the order must be sorted by the start node's key
-        _check_sorted(args[19], order, int(n), lo, lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
+    assert use_order in (0, 1, 2) and slot_cap >= 0 and (slot_cap == 0 or key_level >= 0)
+    if len(args) == 26:  # fff_route_staged: no slots to read; the order sorted by the start node's key
+        assert use_order != 2
+        if lo > 0:
+            _check_sorted(args[25], order, int(n), lo,
+                          lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
     x, w_in, b_in, order, nodes, logits, keys, counts = map(_arr, (x, w_in, b_in, order, nodes, logits, keys, counts))
+    if use_order == 2:  # tokens in bucket slots of the previous stage: the sorted order and its bucket starts
+        in_counts, slots_in = _arr(in_counts), order
+        nb = 2**lo
+        offs = np.concatenate([[0], np.cumsum(in_counts[:nb])])
+        assert offs[-1] == n
+        perm = np.concatenate([slots_in[b * in_cap: b * in_cap + in_counts[b]] for b in range(nb)])
+        _arr(perm_out)[: int(n)] = perm
+        _arr(starts_out)[: nb + 1] = offs
+        order = perm
+        _check_sorted(offs, perm, int(n), lo, lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
     n_nodes = 2 ** (depth + 1) - 1
     n, size = int(n), int(n) * n_trees * (depth + 1)
     x = x[: n * d_in].reshape(n, d_in)
@@ -92,7 +106,10 @@ def _route(grid, block, args):
         if key_level >= 0:
             key = key_node - (2**key_level - 1)
             assert 0 <= key < 2**key_level
-            keys[tok] = key
+            if slot_cap:
+                _arr(slots)[key * slot_cap + counts[key]] = tok
+            else:
+                keys[tok] = key
             counts[key] += 1
 
 
@@ -179,7 +196,9 @@ def _decode(carg):
 
 def emulated_launch(launch, stream_ptr):
     assert launch.grid >= 1 and launch.grid_y >= 1 and launch.block in (256, 384, 512, 768, 1024)
-    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name) == (launch.smem > 0)
+    # shared memory: the staged kernels' rows, or fff_route's bucket starts when it reads slots (use_order 2)
+    reads_slots = launch.kernel.name.startswith("fff_route<") and launch.cargs[12].value == 2
+    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name or reads_slots) == (launch.smem > 0)
     launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 

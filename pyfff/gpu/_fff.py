@@ -64,6 +64,9 @@ _STAGED_ROUTE_BLOCK = 512  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its sub
 # Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
 # the last stage streams it (evict-first).
 _KEEP_X_IN_L2 = True
+# A route stage hands its tokens to the next one (when that runs fff_route) in per-bucket slots, 2**key_level * n
+# ints, instead of through fff_bucket_scatter, when those take at most this many bytes.
+_SLOT_BYTES = 64 << 20
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
 _ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
@@ -218,8 +221,15 @@ class _Plan:
         out_order, out_starts, out_key_level = None, None, 0
         i_sort = 0
         bounds = (0, *splits, levels)
+
+        def staged_stage(lo, hi):
+            """Whether the route stage [lo, hi) runs fff_route_staged (given a sorted order when lo > 0)."""
+            fits = _subtree_bytes(hi - lo, layer.d_in, itemsize) <= _smem_optin(dev)
+            return bool(smem) and fits and (lo == 0 or smem == "all")
+
         for tree in range(layer.n_trees):
             order, starts = None, None
+            handoff = None  # (slots, counts, cap) left by the stage before for this one, or None
             for stage in range(len(bounds) - 1):
                 lo, hi = bounds[stage], bounds[stage + 1]
                 last = stage == len(bounds) - 2
@@ -230,19 +240,39 @@ class _Plan:
                 else:
                     key_level = -1
                 counts = self.work[i_sort, 0] if key_level >= 0 else dummy
+                # The next route stage, if it runs fff_route, finds its tokens in bucket slots filled by this one
+                # (no fff_bucket_scatter launch) where they fit in _SLOT_BYTES.
+                use_slots = (not last and not staged_stage(hi, bounds[stage + 2])
+                             and (1 << key_level) * n * 4 <= _SLOT_BYTES)
+                slots = cp.empty((1 << key_level) * n, dtype=cp.int32) if use_slots else dummy
                 args = [self.x_arg, i64(n), i32(layer.d_in), _ptr(layer.w_in), _ptr(b_in), i32(has_bias),
-                        i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi),
-                        _ptr(dummy if order is None else order), i32(order is not None),
-                        _ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts),
-                        i32(_KEEP_X_IN_L2 and not last)]
-                stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
-                if smem and stage_bytes <= _smem_optin(dev) and (lo == 0 or (order is not None and smem == "all")):
+                        i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi)]
+                if handoff is not None:  # fff_route reads the slots and writes the order and bucket starts
+                    order, starts = cp.empty(n, dtype=cp.int32), self.work[handoff[1], 2]
+                    self._keep.append(order)
+                    args += [_ptr(handoff[0]), i32(2)]
+                else:
+                    args += [_ptr(dummy if order is None else order), i32(order is not None)]
+                args += [_ptr(self.nodes), _ptr(self.logits), i32(key_level), _ptr(keys), _ptr(counts),
+                         i32(_KEEP_X_IN_L2 and not last), _ptr(slots), i32(n if use_slots else 0)]
+                if handoff is not None:
+                    args += [_ptr(self.work[handoff[1], 0]), i32(n), _ptr(order), _ptr(starts)]
+                else:
+                    args += [_ptr(dummy), i32(0), _ptr(dummy), _ptr(dummy)]
+                if staged_stage(lo, hi) and handoff is None:
+                    stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
                     args.append(_ptr(dummy if starts is None else starts))
                     grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes)
                     self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
-                    self.launches.append(_Launch(route, route_grid, r_block, args))
-                if key_level >= 0:
+                    route_smem = 4 * ((1 << lo) + 1) if handoff is not None else 0
+                    self.launches.append(_Launch(route, route_grid, r_block, args, smem=route_smem))
+                handoff = None
+                if key_level >= 0 and use_slots:
+                    self._keep.append(slots)
+                    handoff = (slots, i_sort)
+                    i_sort += 1
+                elif key_level >= 0:
                     perm = cp.empty(n, dtype=cp.int32)
                     self._keep.append(perm)
                     starts = self.work[i_sort, 2]

@@ -203,6 +203,48 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
     return (tok >= 0 && tok < n) ? tok : -1;
 }
 
+// starts[b] = counts[0] + ... + counts[b - 1] for b = 0 .. nb (shared memory; the first warp scans, each lane a
+// run of buckets), then a block barrier. Called by every thread of the block.
+__device__ __forceinline__ void bucket_starts(const int* __restrict__ counts, int nb, int* starts) {
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        const int per = (nb + 31) / 32;
+        const int b0 = min(lane * per, nb);
+        const int b1 = min(b0 + per, nb);
+        int sum = 0;
+        for (int b = b0; b < b1; ++b) sum += counts[b];
+        int incl = sum;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int t = __shfl_up_sync(PYFFF_FULL_MASK, incl, o);
+            if (lane >= o) incl += t;
+        }
+        int run = incl - sum;
+        for (int b = b0; b < b1; ++b) {
+            starts[b] = run;
+            run += counts[b];
+        }
+        if (lane == 31) starts[nb] = incl;
+    }
+    __syncthreads();
+}
+
+// Token at position p of tokens kept in bucket slots (slots[b * cap + r]: rank r of bucket b; starts from
+// bucket_starts): p's bucket is the last b with starts[b] <= p. -1 if out of range (never, for consistent
+// counts and slots).
+__device__ __forceinline__ long long slot_token(const int* __restrict__ slots, const int* starts, int nb, int cap,
+                                                long long p, long long n) {
+    int b = 0, e = nb;  // starts[b] <= p < starts[e]
+    while (e - b > 1) {
+        const int mid = (b + e) >> 1;
+        if (starts[mid] <= p) b = mid;
+        else e = mid;
+    }
+    const long long r = p - starts[b];
+    const long long tok = r >= 0 && r < cap ? (long long)slots[(long long)b * cap + r] : -1;
+    return (tok >= 0 && tok < n) ? tok : -1;
+}
+
 // ---------------------------------------------------------------- routing
 
 // A token's walk is done by a group of PYFFF_ROUTE_LANES lanes (two tokens per warp): each lane keeps
@@ -301,16 +343,19 @@ __device__ __forceinline__ int subtree_node(int r, int lo, int key) {
 }
 
 // Walk token `tok` through levels [lo, hi) of tree `tree` (all lanes of the warp together, one token per
-// lane group; only a group's first lane writes, and only if `store`). xr: the token's row of x (load_x). STAGED: the rows of the subtree below
-// node `key` of level lo are in shared memory (sw, sb; key < 0: none); a level where some token of the warp
-// is outside it reads all rows from global memory (the same values, the same sums).
+// lane group; only a group's first lane writes, and only if `store`). xr: the token's row of x (load_x).
+// STAGED: the rows of the subtree below node `key` of level lo are in shared memory (sw, sb; key < 0: none);
+// a level where some token of the warp is outside it reads all rows from global memory (the same values, the
+// same sums). Bucket keys (key_level >= 0): counts[key] += 1, and the token goes to keys[tok] = key for
+// fff_bucket_scatter, or, when slot_cap > 0, straight into its bucket's slots: slots[key][rank] = tok, its
+// rank being the count before its increment (the order inside a bucket depends on timing).
 template <bool STAGED, bool EXACT, typename T, int VEC>
 __device__ __forceinline__ void walk_token(
     long long tok, bool store, int lane, const T (&xr)[PYFFF_ROUTE_XV][VEC], const T* __restrict__ x, int d_in,
     const T* __restrict__ w_in,
     const T* __restrict__ b_in, int has_bias, int n_trees, int depth, int tree, int lo, int hi,
     int* __restrict__ nodes, T* __restrict__ logits, int key_level, int* __restrict__ keys,
-    int* __restrict__ counts, const T* sw, const T* sb, int key)
+    int* __restrict__ counts, int* __restrict__ slots, int slot_cap, const T* sw, const T* sb, int key)
 {
     const int nvec = d_in / VEC;
     const long long n_nodes = (2LL << depth) - 1;
@@ -352,8 +397,12 @@ __device__ __forceinline__ void walk_token(
     if (key_level >= 0 && leader) {  // bucket key: the node of key_level, counted from the level's first node
         const int k = key_node - ((1 << key_level) - 1);
         if (k >= 0 && k < (1 << key_level)) {
-            keys[tok] = k;
-            atomicAdd(counts + k, 1);
+            const int rank = atomicAdd(counts + k, 1);  // the token's place in its bucket
+            if (slot_cap > 0) {
+                if (rank < slot_cap) slots[(long long)k * slot_cap + rank] = (int)tok;
+            } else {
+                keys[tok] = k;
+            }
         }
     }
 }
@@ -367,7 +416,13 @@ __device__ __forceinline__ void walk_token(
 // lo > 0 continues a walk: the start node is the child chosen by the node and
 // logit stored at level lo - 1. key_level in [lo, hi] (or -1: none) names the
 // level whose node becomes the token's bucket key (key_level == hi: the next
-// node to visit); keys[tok] = node - (2**key_level - 1) and counts[key] += 1.
+// node to visit); keys[tok] = node - (2**key_level - 1) and counts[key] += 1
+// (or slots, see walk_token).
+//
+// use_order == 2: the previous stage left its tokens in bucket slots (order = slots, (2**lo, in_cap),
+// in_counts = its histogram by the node of level lo): every block computes the bucket starts (dynamic shared
+// memory: (2**lo + 1) ints), position p is rank p - start[b] of the bucket b holding it, and the kernel writes
+// the sorted order (perm_out) and, block 0, the bucket starts (starts_out) for the kernels after it.
 template <typename T, int VEC, bool EXACT>
 __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     const T* __restrict__ x,         // IN  (n, d_in)
@@ -388,23 +443,39 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     const int key_level,
     int* __restrict__ keys,          // OUT (n,), written only if key_level >= 0
     int* __restrict__ counts,        // IN/OUT (2**key_level,) histogram of keys
-    const int keep_x)                // a later stage reads x again: keep it in L2 (see load_x)
+    const int keep_x,                // a later stage reads x again: keep it in L2 (see load_x)
+    int* __restrict__ slots,         // OUT (2**key_level, slot_cap) tokens by bucket, if slot_cap > 0
+    const int slot_cap,
+    const int* __restrict__ in_counts,  // IN  (2**lo,) bucket sizes of `order`, if use_order == 2
+    const int in_cap,
+    int* __restrict__ perm_out,      // OUT (n,) tokens in bucket order, if use_order == 2
+    int* __restrict__ starts_out)    // OUT (2**lo + 1,) bucket starts of perm_out, if use_order == 2
 {
+    extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
     const int slot = threadIdx.x / PYFFF_ROUTE_LANES;  // this lane group's token slot in the block
     const int n_slots = blockDim.x / PYFFF_ROUTE_LANES;
     const PositionRange range = block_positions(n);
+    int* starts = reinterpret_cast<int*>(pyfff_smem);  // (2**lo + 1,) if use_order == 2
+    if (use_order == 2) {  // block-uniform
+        bucket_starts(in_counts, 1 << lo, starts);
+        if (blockIdx.x == 0)
+            for (int b = threadIdx.x; b <= (1 << lo); b += blockDim.x) starts_out[b] = starts[b];
+    }
     // warp-uniform loop: a group past the end repeats its neighbour's token without storing
     // (x is loaded when the walk starts: copying the next token's x into shared memory during the walk
     // measured slower, docs/gpu.md)
     for (long long p0 = range.begin + (slot & ~1); p0 < range.end; p0 += n_slots) {
         const long long p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
-        const long long tok = token_at(order, use_order, p, n);
+        const bool store = p == p0 + (slot & 1);
+        const long long tok = use_order == 2 ? slot_token(order, starts, 1 << lo, in_cap, p, n)
+                                             : token_at(order, use_order, p, n);
         if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
+        if (use_order == 2 && store && (lane & (PYFFF_ROUTE_LANES - 1)) == 0) perm_out[p] = (int)tok;
         T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
         load_x<EXACT>(x + tok * d_in, d_in / VEC, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
-        walk_token<false, EXACT, T, VEC>(tok, p == p0 + (slot & 1), lane, xr, x, d_in, w_in, b_in, has_bias,
-                                         n_trees, depth, tree, lo, hi, nodes, logits, key_level, keys, counts,
+        walk_token<false, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
+                                         tree, lo, hi, nodes, logits, key_level, keys, counts, slots, slot_cap,
                                          (const T*)nullptr, (const T*)nullptr, -1);
     }
 }
@@ -435,7 +506,8 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     const T* __restrict__ b_in, const int has_bias, const int n_trees, const int depth, const int tree,
     const int lo, const int hi, const int* __restrict__ order, const int use_order,
     int* __restrict__ nodes, T* __restrict__ logits, const int key_level, int* __restrict__ keys,
-    int* __restrict__ counts, const int keep_x,
+    int* __restrict__ counts, const int keep_x, int* __restrict__ slots, const int slot_cap,
+    const int* __restrict__ in_counts, const int in_cap, int* __restrict__ perm_out, int* __restrict__ starts_out,
     const int* __restrict__ starts)  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
 {
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
@@ -482,8 +554,8 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
             T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
             load_x<EXACT>(x + tok * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
             walk_token<true, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
-                                            tree, lo, hi, nodes, logits, key_level, keys, counts, (const T*)sw,
-                                            (const T*)sb, key);
+                                            tree, lo, hi, nodes, logits, key_level, keys, counts, slots, slot_cap,
+                                            (const T*)sw, (const T*)sb, key);
         }
         p = seg_end;
     }
