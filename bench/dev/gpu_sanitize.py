@@ -28,7 +28,8 @@ CASES = [
 ]
 # (splits, sort_output, smem): "mid" = one split at half the depth, "staged" = the staged schedule's splits
 SCHEDULES = [((), False, False), ((), True, False), ("mid", True, False), ("mid", False, False),
-             ("staged", False, True), ("mid", False, True), ((), False, True), ("mid", True, True)]
+             ("staged", False, True), ("mid", False, True), ((), False, True), ("mid", True, True),
+             ("staged", False, "all"), ("mid", True, "all")]
 VARIANTS = [{"route_block": 256, "out_block": 768, "out_tpw": 1, "out_sj": 6},  # threads per block, tokens per warp
             {"route_block": 512, "out_block": 256, "out_tpw": 4, "out_sj": 3}]
 

@@ -14,10 +14,14 @@ visited nodes and logits; then ``fff_output`` forms
 writing each row of y once. The staged schedule (the default from
 ``_SMEM_MIN_TOKENS`` tokens on): the levels are split into stages whose
 subtrees fit in shared memory (two stages of six levels at width 768, float32);
-``fff_route_staged`` stages each block's subtree rows in shared memory and
-walks its tokens through them; between stages ``fff_bucket_scatter`` sorts the
-tokens by the node where the next stage starts; ``fff_output_staged`` then forms
-y in that order, with the segment's ancestor and subtree rows of w_out staged.
+``fff_route_staged`` stages the root's subtree rows in shared memory and walks
+every token through them, putting each token into the bucket of the node where
+the next stage starts (per-bucket slots, its rank from the histogram's atomic);
+``fff_route`` walks the later stages in that bucket order (rows through L1) and
+writes the order; ``fff_output_staged`` then forms y in that order, with the
+segment's ancestor and subtree rows of w_out staged. Where slots would take too
+much memory, or with ``smem="all"`` (every stage staged), ``fff_bucket_scatter``
+sorts the tokens between stages instead.
 Every schedule gives bitwise the same results. Launches are prepared once per
 (batch size, schedule, stream) in a :class:`_Plan` with cached workspaces and
 enqueued through ``cuLaunchKernel``.
@@ -52,9 +56,9 @@ _INT32_MAX = 2**31 - 1
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
 # From this batch size on, the default is the staged schedule (weight rows staged in shared memory). On the
-# H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py): staged 56 / 84 / 122 us against batch order
-# 44 / 78 / 133 us at batch 4096 / 8192 / 16384, so the two cross near 11,000 tokens.
-_SMEM_MIN_TOKENS = 12288
+# H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py, fourth session): staged 47.8 / 77.4 / 118.0 us
+# against batch order 44.3 / 77.8 / 132.7 us at batch 4096 / 8192 / 16384, so the two cross near 8192 tokens.
+_SMEM_MIN_TOKENS = 8192
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
 # one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
 # fff_output_staged.
