@@ -203,6 +203,16 @@ __device__ __forceinline__ long long token_at(const int* __restrict__ order, int
     return (tok >= 0 && tok < n) ? tok : -1;
 }
 
+// Inclusive prefix sum of v over the lanes of a warp (called by all 32 lanes).
+__device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(PYFFF_FULL_MASK, v, o);
+        if (lane >= o) v += t;
+    }
+    return v;
+}
+
 // starts[b] = counts[0] + ... + counts[b - 1] for b = 0 .. nb (shared memory; the first warp scans, each lane a
 // run of buckets), then a block barrier. Called by every thread of the block.
 __device__ __forceinline__ void bucket_starts(const int* __restrict__ counts, int nb, int* starts) {
@@ -213,12 +223,7 @@ __device__ __forceinline__ void bucket_starts(const int* __restrict__ counts, in
         const int b1 = min(b0 + per, nb);
         int sum = 0;
         for (int b = b0; b < b1; ++b) sum += counts[b];
-        int incl = sum;
-        #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int t = __shfl_up_sync(PYFFF_FULL_MASK, incl, o);
-            if (lane >= o) incl += t;
-        }
+        const int incl = warp_inclusive_sum(sum, lane);
         int run = incl - sum;
         for (int b = b0; b < b1; ++b) {
             starts[b] = run;
@@ -594,12 +599,7 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
     const int b1 = min(b0 + per, nb);
     int sum = 0;
     for (int b = b0; b < b1; ++b) sum += counts[b];
-    int incl = sum;
-    #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(PYFFF_FULL_MASK, incl, o);
-        if (lane >= o) incl += t;
-    }
+    const int incl = warp_inclusive_sum(sum, lane);
     if (lane == 31) warp_total[warp] = incl;
     __syncthreads();
     int run = incl - sum;
