@@ -347,20 +347,32 @@ __device__ __forceinline__ int subtree_node(int r, int lo, int key) {
     return ((1 << (lo + j)) - 1) + (key << j) + (r - ((1 << j) - 1));
 }
 
+// A token's bucket slot whose rank is still on its way from the atomic (k < 0: none).
+struct PendingSlot {
+    int k, rank, tok;
+};
+
+__device__ __forceinline__ void store_slot(PendingSlot& pend, int* __restrict__ slots, int slot_cap) {
+    if (pend.k >= 0 && pend.rank < slot_cap) slots[(long long)pend.k * slot_cap + pend.rank] = pend.tok;
+    pend.k = -1;
+}
+
 // Walk token `tok` through levels [lo, hi) of tree `tree` (all lanes of the warp together, one token per
 // lane group; only a group's first lane writes, and only if `store`). xr: the token's row of x (load_x).
 // STAGED: the rows of the subtree below node `key` of level lo are in shared memory (sw, sb; key < 0: none);
 // a level where some token of the warp is outside it reads all rows from global memory (the same values, the
 // same sums). Bucket keys (key_level >= 0): counts[key] += 1, and the token goes to keys[tok] = key for
 // fff_bucket_scatter, or, when slot_cap > 0, straight into its bucket's slots: slots[key][rank] = tok, its
-// rank being the count before its increment (the order inside a bucket depends on timing).
+// rank being the count before its increment (the order inside a bucket depends on timing). That store is left
+// in `pend` for the caller (store_slot), which makes it after starting its next token's loads, so that the
+// atomic's round trip overlaps them.
 template <bool STAGED, bool EXACT, typename T, int VEC>
 __device__ __forceinline__ void walk_token(
     long long tok, bool store, int lane, const T (&xr)[PYFFF_ROUTE_XV][VEC], const T* __restrict__ x, int d_in,
     const T* __restrict__ w_in,
     const T* __restrict__ b_in, int has_bias, int n_trees, int depth, int tree, int lo, int hi,
     int* __restrict__ nodes, T* __restrict__ logits, int key_level, int* __restrict__ keys,
-    int* __restrict__ counts, int* __restrict__ slots, int slot_cap, const T* sw, const T* sb, int key)
+    int* __restrict__ counts, int slot_cap, PendingSlot& pend, const T* sw, const T* sb, int key)
 {
     const int nvec = d_in / VEC;
     const long long n_nodes = (2LL << depth) - 1;
@@ -403,11 +415,8 @@ __device__ __forceinline__ void walk_token(
         const int k = key_node - ((1 << key_level) - 1);
         if (k >= 0 && k < (1 << key_level)) {
             const int rank = atomicAdd(counts + k, 1);  // the token's place in its bucket
-            if (slot_cap > 0) {
-                if (rank < slot_cap) slots[(long long)k * slot_cap + rank] = (int)tok;
-            } else {
-                keys[tok] = k;
-            }
+            if (slot_cap > 0) pend = {k, rank, (int)tok};  // stored by the caller once the rank is back
+            else keys[tok] = k;
         }
     }
 }
@@ -462,6 +471,7 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     const int n_slots = blockDim.x / PYFFF_ROUTE_LANES;
     const PositionRange range = block_positions(n);
     int* starts = reinterpret_cast<int*>(pyfff_smem);  // (2**lo + 1,) if use_order == 2
+    PendingSlot pend = {-1, 0, 0};
     if (use_order == 2) {  // block-uniform
         bucket_starts(in_counts, 1 << lo, starts);
         if (blockIdx.x == 0)
@@ -479,10 +489,12 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
         if (use_order == 2 && store && (lane & (PYFFF_ROUTE_LANES - 1)) == 0) perm_out[p] = (int)tok;
         T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
         load_x<EXACT>(x + tok * d_in, d_in / VEC, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
+        store_slot(pend, slots, slot_cap);  // the previous token's
         walk_token<false, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
-                                         tree, lo, hi, nodes, logits, key_level, keys, counts, slots, slot_cap,
+                                         tree, lo, hi, nodes, logits, key_level, keys, counts, slot_cap, pend,
                                          (const T*)nullptr, (const T*)nullptr, -1);
     }
+    store_slot(pend, slots, slot_cap);
 }
 
 // The segment of positions [p, end) that a block handles with one staged subtree: tokens sorted by their
@@ -526,6 +538,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     T* sw = reinterpret_cast<T*>(pyfff_smem);  // (rows, d_in)
     T* sb = sw + (long long)rows * d_in;        // (rows,)
     const PositionRange range = block_positions(n);
+    PendingSlot pend = {-1, 0, 0};
 
     long long p = range.begin;
     while (p < range.end) {  // block-uniform: one staged subtree per segment
@@ -558,12 +571,14 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
             if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
             T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
             load_x<EXACT>(x + tok * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
+            store_slot(pend, slots, slot_cap);  // the previous token's
             walk_token<true, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
-                                            tree, lo, hi, nodes, logits, key_level, keys, counts, slots, slot_cap,
+                                            tree, lo, hi, nodes, logits, key_level, keys, counts, slot_cap, pend,
                                             (const T*)sw, (const T*)sb, key);
         }
         p = seg_end;
     }
+    store_slot(pend, slots, slot_cap);
 }
 
 // ---------------------------------------------------------------- counting sort
