@@ -62,8 +62,8 @@ def _route(grid, block, args):
      key_level, keys, counts, keep_x, slots, slot_cap, in_counts, in_cap, perm_out, starts_out) = args[:25]
     assert keep_x in (0, 1) and (keep_x == 0 or hi < depth + 1)  # only stages before the last keep x in L2
     assert use_order in (0, 1, 2) and slot_cap >= 0 and (slot_cap == 0 or key_level >= 0)
-    if len(args) == 27:  # fff_route_staged: no slots to read; the order sorted by the start node's key
-        assert use_order != 2 and args[26] in (0, 1)
+    if len(args) == 26:  # fff_route_staged: no slots to read; the order sorted by the start node's key
+        assert use_order != 2
         if lo > 0:
             _check_sorted(args[25], order, int(n), lo,
                           lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))

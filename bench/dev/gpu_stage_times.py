@@ -1,8 +1,7 @@
 """Per-kernel GPU time of pyfff.gpu's pipeline at the benchmark shape, with CUDA events around each launch.
 
 Run (repository root, GPU machine): PYTHONPATH=$PWD python bench/dev/gpu_stage_times.py [batch ...]
-Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_PREFETCH=0 turns off the staged
-route's x buffers; PYFFF_DEV_ROUTE=lanes,block (below).
+Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_ROUTE=lanes,block (below).
 
 For each schedule, builds the launch plan with one call, then enqueues its launches one at a time with a
 CUDA event between consecutive launches, `REPEATS` times, and prints the best time of each launch (kernel
@@ -25,7 +24,6 @@ SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
     "staged,leaf-output": {"splits": "staged", "sort_output": True, "smem": True},
     "staged,all-stages-staged": {"splits": "staged", "sort_output": False, "smem": "all"},
-    "staged-split5": {"splits": (5,), "sort_output": False, "smem": True},
     "direct": {"splits": (), "sort_output": False, "smem": False},
 }
 
@@ -90,8 +88,6 @@ if __name__ == "__main__":
 
     if os.environ.get("PYFFF_DEV_KEEP_X") == "0":  # every route stage streams x (evict-first)
         _fff._KEEP_X_IN_L2 = False
-    if os.environ.get("PYFFF_DEV_PREFETCH") == "0":  # fff_route_staged loads each x when its walk starts
-        _fff._PREFETCH_X = False
     if os.environ.get("PYFFF_DEV_ROUTE"):
         route_variant(*(int(v) for v in os.environ["PYFFF_DEV_ROUTE"].split(",")))
     main([int(a) for a in sys.argv[1:]] or [2048, 16384])

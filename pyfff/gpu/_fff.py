@@ -71,9 +71,6 @@ _KEEP_X_IN_L2 = True
 # A route stage hands its tokens to the next one (when that runs fff_route) in per-bucket slots, 2**key_level * n
 # ints, instead of through fff_bucket_scatter, when those take at most this many bytes.
 _SLOT_BYTES = 64 << 20
-# fff_route_staged copies each lane group's next x into shared memory while it walks, where the buffers fit
-# beside the staged rows.
-_PREFETCH_X = True
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
 _ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
@@ -268,13 +265,9 @@ class _Plan:
                     args += [_ptr(dummy), i32(0), _ptr(dummy), _ptr(dummy)]
                 if staged_stage(lo, hi) and handoff is None:
                     stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
-                    # x buffers beside the rows, where they fit: each lane group copies its next token's x
-                    x_bytes = (_STAGED_ROUTE_BLOCK // 16) * _ROUTE_VECTORS * vec_in * itemsize
-                    prefetch = _PREFETCH_X and stage_bytes + x_bytes <= _smem_optin(dev)
-                    smem_bytes = stage_bytes + (x_bytes if prefetch else 0)
-                    args += [_ptr(dummy if starts is None else starts), i32(prefetch)]
-                    grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, smem_bytes)
-                    self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=smem_bytes))
+                    args.append(_ptr(dummy if starts is None else starts))
+                    grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes)
+                    self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
                     route_smem = 4 * ((1 << lo) + 1) if handoff is not None else 0
                     self.launches.append(_Launch(route, route_grid, r_block, args, smem=route_smem))

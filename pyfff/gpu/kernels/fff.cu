@@ -281,41 +281,6 @@ __device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g
     }
 }
 
-// Commit this thread's cp.async copies issued so far as one group; wait until none is pending.
-__device__ __forceinline__ void copies_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// The same vectors of x as load_x, copied asynchronously into this lane's part of a shared-memory buffer (a
-// lane group's buffer holds PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV vectors; lane g copies and later reads vectors
-// g + 16 j, so no other lane touches them), then moved into registers by take_x once they have landed.
-template <bool EXACT, typename T, int VEC>
-__device__ __forceinline__ void issue_x(const T* __restrict__ xt, int nvec, int g, T* buf) {
-    #pragma unroll
-    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
-        const int v = g + PYFFF_ROUTE_LANES * j;
-        if (EXACT || v < nvec) copy_vec<T, VEC>(buf + v * VEC, xt + (long long)v * VEC);
-    }
-    copies_commit();
-}
-
-template <bool EXACT, typename T, int VEC>
-__device__ __forceinline__ void take_x(const T* buf, int nvec, int g, T (&xr)[PYFFF_ROUTE_XV][VEC]) {
-    copies_done();
-    #pragma unroll
-    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
-        const int v = g + PYFFF_ROUTE_LANES * j;
-        if (EXACT || v < nvec) {
-            load_vec<kShared>(buf + v * VEC, xr[j]);
-        } else {
-            #pragma unroll
-            for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
-        }
-    }
-}
-
 // w . x for one row w (nvec vectors, read with loads of KIND: global or shared memory) and the token's x
 // (xr in registers, the rest of a wider row read from xt), reduced over the lane group. Every lane of the
 // group returns the sum of the group's first lane, so that all take the same branch. The summation order
@@ -560,8 +525,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     int* __restrict__ nodes, T* __restrict__ logits, const int key_level, int* __restrict__ keys,
     int* __restrict__ counts, const int keep_x, int* __restrict__ slots, const int slot_cap,
     const int* __restrict__ in_counts, const int in_cap, int* __restrict__ perm_out, int* __restrict__ starts_out,
-    const int* __restrict__ starts,  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
-    const int prefetch_x)            // x buffers follow the rows in shared memory (see below)
+    const int* __restrict__ starts)  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
 {
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
@@ -573,10 +537,6 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     const int rows = (1 << (hi - lo)) - 1;
     T* sw = reinterpret_cast<T*>(pyfff_smem);  // (rows, d_in)
     T* sb = sw + (long long)rows * d_in;        // (rows,)
-    // prefetch_x: each lane group's x buffer (the next token's x, copied while the group walks the current one)
-    const long long rows_bytes = (((long long)rows * (d_in + 1) * sizeof(T) + 15) / 16) * 16;
-    T* xbuf = reinterpret_cast<T*>(pyfff_smem + rows_bytes) + (long long)slot * (PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV * VEC);
-    const int g = lane & (PYFFF_ROUTE_LANES - 1);
     const PositionRange range = block_positions(n);
     PendingSlot pend = {-1, 0, 0};
 
@@ -603,33 +563,14 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
         __syncthreads();
 
         // warp-uniform loop: a group past the segment's end repeats its neighbour's token without storing
-        // (the first x of a segment is loaded after the fill: loading it during the fill measured slower)
-        const auto token = [&](long long q0, bool& store) {
-            const long long q = q0 + (slot & 1) < seg_end ? q0 + (slot & 1) : q0;
-            store = q == q0 + (slot & 1);
-            return token_at(order, use_order, q, n);
-        };
-        bool store_n = false;
-        long long tok_n = -1;
-        if (prefetch_x && p + (slot & ~1) < seg_end) {
-            tok_n = token(p + (slot & ~1), store_n);
-            if (tok_n >= 0) issue_x<EXACT, T, VEC>(x + tok_n * d_in, nvec, g, xbuf);
-        }
+        // (x is loaded when the walk starts: loading a segment's first x during the fill measured slower)
         for (long long q0 = p + (slot & ~1); q0 < seg_end; q0 += n_slots) {
-            T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
-            bool store;
-            long long tok;
-            if (prefetch_x) {  // block-uniform
-                tok = tok_n;
-                store = store_n;
-                if (tok >= 0) take_x<EXACT>(xbuf, nvec, g, xr);
-                tok_n = q0 + n_slots < seg_end ? token(q0 + n_slots, store_n) : -1;
-                if (tok_n >= 0) issue_x<EXACT, T, VEC>(x + tok_n * d_in, nvec, g, xbuf);
-            } else {
-                tok = token(q0, store);
-                if (tok >= 0) load_x<EXACT>(x + tok * d_in, nvec, g, keep_x, xr);
-            }
+            const long long q = q0 + (slot & 1) < seg_end ? q0 + (slot & 1) : q0;
+            const long long tok = token_at(order, use_order, q, n);
+            const bool store = q == q0 + (slot & 1);
             if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
+            T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
+            load_x<EXACT>(x + tok * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
             store_slot(pend, slots, slot_cap);  // the previous token's
             walk_token<true, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
                                             tree, lo, hi, nodes, logits, key_level, keys, counts, slot_cap, pend,
