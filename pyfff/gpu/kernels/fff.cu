@@ -7,7 +7,10 @@
 //   fff_route<T, VEC, EXACT>         half a warp per token walks levels [lo, hi)
 //                                    of one tree, rows through L1/L2; stores the
 //                                    visited node and its logit per level and,
-//                                    optionally, the token's bucket key.
+//                                    optionally, the token's bucket key (or the
+//                                    token itself in its bucket's slots); reads
+//                                    its positions from an order or from the
+//                                    previous stage's slots.
 //   fff_route_staged<T, VEC, EXACT>  the same walk with each block's subtree of
 //                                    levels [lo, hi) staged in shared memory.
 //   fff_bucket_scatter               counting sort of the tokens by that key, and
@@ -22,10 +25,12 @@
 // 2 doubles, or 1 when a width or a pointer does not allow 16-byte loads; the
 // host picks). EXACT: a row is exactly the 192 vectors the lanes of a token keep
 // in registers (768 floats), so no bounds checks. Pipelines (pyfff/gpu/_fff.py):
-// batch order = fff_route then fff_output; staged = fff_route_staged per stage,
-// fff_bucket_scatter between stages, then fff_output_staged. All give bitwise the
-// same nodes, logits and y: every route kernel sums a dot product in the same
-// order, every output kernel a token's terms in level order.
+// batch order = fff_route then fff_output; staged = fff_route_staged for the
+// first stage (filling the next stage's bucket slots), fff_route for later
+// stages in bucket order, then fff_output_staged (fff_bucket_scatter sorts
+// between stages where slots do not apply). All give bitwise the same nodes,
+// logits and y: every route kernel sums a dot product in the same order, every
+// output kernel a token's terms in level order.
 //
 // Guarantees: every write is behind a bounds check on its index; indices into
 // x, y and the weight matrices are 64-bit; the routing rule is the library's
