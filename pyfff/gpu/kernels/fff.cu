@@ -751,12 +751,46 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
 // bounds checks). A term's row comes from shared memory where it is staged (row l for an ancestor level
 // l < s, s + the subtree row below), else from global memory; a row that a token shares with the token
 // before it is loaded once.
+// A warp's TPW tokens and, in lane l, their node and logit of level l. The loop of fff_output_staged loads
+// the tokens two groups ahead and their nodes and logits one group ahead, so that neither load waits.
+template <typename T, int TPW>
+struct TokenTerms {
+    int tok[TPW];  // < n <= 2**31 - 1; -1: none
+    int nd[TPW];
+    T z[TPW];
+};
+
+template <int TPW>
+__device__ __forceinline__ void load_tokens(long long q, long long seg_end, const int* __restrict__ order,
+                                            int use_order, long long n, int (&tok)[TPW]) {
+    #pragma unroll
+    for (int t = 0; t < TPW; ++t) tok[t] = q + t < seg_end ? (int)token_at(order, use_order, q + t, n) : -1;
+}
+
+template <typename T, int TPW>
+__device__ __forceinline__ TokenTerms<T, TPW> load_terms(const int (&tok)[TPW], const int* __restrict__ nodes,
+                                                         const T* __restrict__ logits, int levels, int lane) {
+    TokenTerms<T, TPW> tt;
+    #pragma unroll
+    for (int t = 0; t < TPW; ++t) {
+        tt.tok[t] = tok[t];
+        tt.nd[t] = 0;
+        tt.z[t] = T(0);
+        if (tt.tok[t] >= 0 && lane < levels) {
+            tt.nd[t] = __ldg(nodes + (long long)tt.tok[t] * levels + lane);
+            tt.z[t] = __ldg(logits + (long long)tt.tok[t] * levels + lane);
+        }
+    }
+    return tt;
+}
+
 template <bool FULL, typename T, int VEC, int SJ, int TPW>
 __device__ __forceinline__ void output_tokens(
-    const int (&tok)[TPW], const int* __restrict__ nodes, const T* __restrict__ logits, int levels, int act,
+    const TokenTerms<T, TPW>& tt, int levels, int act,
     const T* __restrict__ w_out, int d_out, const T* sw, int stride, int s, int key, bool staged, int v0, int sv,
     int lane, T* __restrict__ y)
 {
+    const int (&tok)[TPW] = tt.tok;
     const int key_node = ((1 << s) - 1) + key;
     int node_l[TPW];  // lane l: the token's node, its staged row (or -1) and activation of term l
     int row_l[TPW];
@@ -768,7 +802,7 @@ __device__ __forceinline__ void output_tokens(
         row_l[t] = 0;
         a_l[t] = T(0);
         if (tok[t] >= 0 && lane < levels) {
-            const int nd = __ldg(nodes + (long long)tok[t] * levels + lane);
+            const int nd = tt.nd[t];
             int r = -1;
             if (staged) {
                 if (lane < s) r = nd == ancestor(key_node, s, lane) ? lane : -1;
@@ -779,7 +813,7 @@ __device__ __forceinline__ void output_tokens(
             }
             node_l[t] = nd;
             row_l[t] = r;
-            a_l[t] = activation(__ldg(logits + (long long)tok[t] * levels + lane), act);
+            a_l[t] = activation(tt.z[t], act);
             all_staged = all_staged && r >= 0;
         }
     }
@@ -899,17 +933,26 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
         }
         __syncthreads();
 
-        for (long long q = p + (long long)warp * TPW; q < seg_end; q += (long long)n_warps * TPW) {  // warp-uniform
-            int tok[TPW];  // < n <= 2**31 - 1; -1: none
-            #pragma unroll
-            for (int t = 0; t < TPW; ++t) tok[t] = q + t < seg_end ? (int)token_at(order, use_order, q + t, n) : -1;
+        // warp-uniform loop; the next group's tokens, nodes and logits are loaded before this group's sums
+        const long long step = (long long)n_warps * TPW;
+        const long long q0 = p + (long long)warp * TPW;
+        int tok[TPW], tok_next[TPW];
+        load_tokens<TPW>(q0, seg_end, order, use_order, n, tok);
+        TokenTerms<T, TPW> cur = load_terms<T, TPW>(tok, nodes, logits, levels, lane);
+        load_tokens<TPW>(q0 + step, seg_end, order, use_order, n, tok_next);
+        for (long long q = q0; q < seg_end; q += step) {
+            load_tokens<TPW>(q + 2 * step, seg_end, order, use_order, n, tok);  // two groups ahead
+            const TokenTerms<T, TPW> next = load_terms<T, TPW>(tok_next, nodes, logits, levels, lane);
             if (sv == 32 * SJ) {
-                output_tokens<true, T, VEC, SJ, TPW>(tok, nodes, logits, levels, act, w_out, d_out, sw, stride, s,
-                                                     key, key >= 0, v0, sv, lane, y);
+                output_tokens<true, T, VEC, SJ, TPW>(cur, levels, act, w_out, d_out, sw, stride, s, key, key >= 0,
+                                                     v0, sv, lane, y);
             } else {
-                output_tokens<false, T, VEC, SJ, TPW>(tok, nodes, logits, levels, act, w_out, d_out, sw, stride, s,
-                                                      key, key >= 0, v0, sv, lane, y);
+                output_tokens<false, T, VEC, SJ, TPW>(cur, levels, act, w_out, d_out, sw, stride, s, key, key >= 0,
+                                                      v0, sv, lane, y);
             }
+            cur = next;
+            #pragma unroll
+            for (int t = 0; t < TPW; ++t) tok_next[t] = tok[t];
         }
         p = seg_end;
     }
