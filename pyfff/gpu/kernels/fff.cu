@@ -482,21 +482,14 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
         if (blockIdx.x == 0)
             for (int b = threadIdx.x; b <= (1 << lo); b += blockDim.x) starts_out[b] = starts[b];
     }
-    // the token at p0 (a group past the end repeats its neighbour's token without storing)
-    const auto token = [&](long long p0, long long& p) {
-        p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
-        return use_order == 2 ? slot_token(order, starts, 1 << lo, in_cap, p, n) : token_at(order, use_order, p, n);
-    };
-    // warp-uniform loop; the next token is looked up before this one's walk (x itself is loaded when the walk
-    // starts: copying the next token's x into shared memory during the walk measured slower, docs/gpu.md)
-    long long p0 = range.begin + (slot & ~1);
-    long long p_n = 0;
-    long long tok_n = p0 < range.end ? token(p0, p_n) : -1;
-    for (; p0 < range.end; p0 += n_slots) {
-        const long long p = p_n;
-        const long long tok = tok_n;
+    // warp-uniform loop: a group past the end repeats its neighbour's token without storing
+    // (x is loaded when the walk starts: copying the next token's x into shared memory during the walk
+    // measured slower, docs/gpu.md)
+    for (long long p0 = range.begin + (slot & ~1); p0 < range.end; p0 += n_slots) {
+        const long long p = p0 + (slot & 1) < range.end ? p0 + (slot & 1) : p0;
         const bool store = p == p0 + (slot & 1);
-        tok_n = p0 + n_slots < range.end ? token(p0 + n_slots, p_n) : -1;
+        const long long tok = use_order == 2 ? slot_token(order, starts, 1 << lo, in_cap, p, n)
+                                             : token_at(order, use_order, p, n);
         if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
         if (use_order == 2 && store && (lane & (PYFFF_ROUTE_LANES - 1)) == 0) perm_out[p] = (int)tok;
         T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
