@@ -5,6 +5,7 @@ Run (repository root, GPU machine): python bench/dev/gpu_store_bound.py
 """
 import cupy as cp
 import numpy as np
+from gpu_timing import best_us
 
 SRC = r"""
 extern "C" __global__ void write_rows(const int* __restrict__ order, long long n, int nvec, float4* __restrict__ y) {
@@ -26,15 +27,7 @@ def main(n=16384, d=768):
     for name, order in orders.items():
         for grid in (132 * 4, 132 * 16):
             args = (order, np.int64(n), np.int32(d // 4), y)
-            k((grid,), (256,), args)
-            s, e = cp.cuda.Event(), cp.cuda.Event()
-            best = 1e9
-            for _ in range(20):
-                s.record()
-                k((grid,), (256,), args)
-                e.record()
-                e.synchronize()
-                best = min(best, cp.cuda.get_elapsed_time(s, e) * 1e3)
+            best = best_us(lambda: k((grid,), (256,), args))
             print(f"{name}, grid {grid}: {best:.1f} us, {n * d * 4 / best / 1e3:.0f} GB/s")
 
 

@@ -17,6 +17,7 @@ import sys
 
 import cupy as cp
 import numpy as np
+from gpu_timing import best_us
 
 import pyfff
 import pyfff.gpu
@@ -152,14 +153,7 @@ def main(n):
     d = np.abs(tl[same] - rl[same])
     mag = np.abs(cp.asnumpy(x)).dot(np.abs(cpu.w_in[:63]).T).max()
     print(f"logit difference: max {d.max():.3g}, median {np.median(d):.3g}; max |x||w| {mag:.3g}")
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    best = 1e9
-    for _ in range(20):
-        start.record()
-        k((grid,), (256,), args, shared_mem=smem)
-        end.record()
-        end.synchronize()
-        best = min(best, cp.cuda.get_elapsed_time(start, end) * 1e3)
+    best = best_us(lambda: k((grid,), (256,), args, shared_mem=smem))
     print(f"tc_route6 (3xTF32): {best:.1f} us, grid {grid}x256, {n * 768 * 4 / best / 1e3:.0f} GB/s of x")
 
 

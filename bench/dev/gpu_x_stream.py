@@ -10,6 +10,7 @@ Run (repository root, GPU machine): python bench/dev/gpu_x_stream.py
 """
 import cupy as cp
 import numpy as np
+from gpu_timing import best_us
 
 SRC = r"""
 template <bool STREAM>
@@ -41,15 +42,7 @@ def main(n=16384):
         k = mod.get_function(name)
         for grid, block in ((132, 512), (264, 256), (528, 256)):
             args = (x, np.int64(n), out)
-            k((grid,), (block,), args)
-            s, e = cp.cuda.Event(), cp.cuda.Event()
-            best = 1e9
-            for _ in range(20):
-                s.record()
-                k((grid,), (block,), args)
-                e.record()
-                e.synchronize()
-                best = min(best, cp.cuda.get_elapsed_time(s, e) * 1e3)
+            best = best_us(lambda: k((grid,), (block,), args))
             print(f"{name} grid {grid}x{block}: {best:.1f} us, {n * 768 * 4 / best / 1e3:.0f} GB/s")
 
 
