@@ -72,7 +72,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) tc_route6(
             #pragma unroll
             for (int p = 0; p < PF; ++p) {
                 const float4 va = pa[p], vb = pb[p];
-                if (kb + p + PF < kb_n) { pa[p] = __ldcs(xa + 4 * (kb + p + PF)); pb[p] = __ldcs(xb + 4 * (kb + p + PF)); }
+                if (kb + p + PF < kb_n) {
+                    pa[p] = __ldcs(xa + 4 * (kb + p + PF));
+                    pb[p] = __ldcs(xb + 4 * (kb + p + PF));
+                }
                 const float av[4] = {va.x, va.y, va.z, va.w}, bv[4] = {vb.x, vb.y, vb.z, vb.w};
                 const int chunk = (kb + p) * 4 + t;
                 #pragma unroll

@@ -233,7 +233,7 @@ class _Plan:
 
         for tree in range(layer.n_trees):
             order, starts = None, None
-            handoff = None  # (slots, counts, cap) left by the stage before for this one, or None
+            handoff = None  # (slots, sort index) left by the stage before for this one, or None
             for stage in range(len(bounds) - 1):
                 lo, hi = bounds[stage], bounds[stage + 1]
                 last = stage == len(bounds) - 2
@@ -523,9 +523,9 @@ class FFF:
         boundaries the staged schedule uses), ``sort_output`` (whether ``y`` is formed in leaf order),
         ``smem`` (True: the first route stage and the output stage their weight rows in shared memory where
         they fit, later route stages read theirs through L1 in sorted order; "all": every route stage that
-        fits stages them; False: none) and ``variant`` (kernel variants, keys of ``_VARIANT``) default to :meth:`_schedule` and
-        ``_VARIANT``; every choice gives bitwise the same results. ``nodes`` and ``logits`` are workspaces
-        of the launch plan, overwritten by the next call with the same plan.
+        fits stages them; False: none) and ``variant`` (kernel variants, keys of ``_VARIANT``) default to
+        :meth:`_schedule` and ``_VARIANT``; every choice gives bitwise the same results. ``nodes`` and
+        ``logits`` are workspaces of the launch plan, overwritten by the next call with the same plan.
         """
         cp = _cupy()
         n = x2.shape[0]
