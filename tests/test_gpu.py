@@ -361,7 +361,8 @@ def test_gelu_is_accurate_to_an_ulp(dtype):
 
 
 VARIANTS = ([{"route_block": rb, "out_block": ob} for rb in (256, 512) for ob in (256, 768)]
-            + [{"out_tpw": tpw, "out_sj": sj} for tpw in (1, 2, 4) for sj in (3, 6)])
+            + [{"out_tpw": tpw, "out_sj": sj} for tpw in (1, 2, 4) for sj in (3, 6)]
+            + [{"fused": False, "route_block": rb} for rb in (256, 512)])
 
 
 @requires_gpu
@@ -382,6 +383,46 @@ def test_kernel_variants(variant, splits, sort_output, smem, dtype, d_in, d_out,
         y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, sort_output=sort_output,
                                  smem=smem, variant=variant)
         check_layer(cpu, x, cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64))
+
+
+def output_kernels(gpu):
+    """(names of the kernels of the most recent plan that write y: a fused route, fff_route<..., OUT > 0>, or an
+    output kernel; the name of its last route kernel)."""
+    plan = next(reversed(gpu._plans.values()))
+    names = [launch.kernel.name for launch in plan.launches]
+    writers = [k for k in names if k.startswith("fff_output") or (k.startswith("fff_route<") and not k.endswith(" 0>"))]
+    return writers, [k for k in names if k.startswith("fff_route")][-1]
+
+
+@requires_gpu
+@pytest.mark.parametrize("schedule", ["default", "direct", "staged", "staged_mid", "staged_unsplit",
+                                      "split_mid_unsorted_out", "staged_all", "leafsort"])
+@pytest.mark.parametrize("dtype,d_in,d_out,depth", [
+    (np.float32, 768, 768, 11), (np.float64, 384, 384, 9), (np.float32, 17, 9, 15), (np.float32, 40, 768, 16),
+    (np.float32, 1100, 36, 5), (np.float64, 36, 768, 4), (np.float32, 36, 770, 4), (np.float32, 20, 1, 0)])
+def test_fused_output_is_bitwise_the_output_kernels(schedule, dtype, d_in, d_out, depth):
+    """The last fff_route stage of a one-tree layer forms y itself (the ``fused`` variant) wherever its terms
+    and a row of y fit its registers (levels <= 16, at most 192 vectors); elsewhere an output kernel does. Both
+    give bitwise the same y and routes; fused or not is as promised (never with a leaf-sorted output)."""
+    import cupy as cp
+
+    cpu, gpu = make_layer(d_in, d_out, depth, dtype=dtype, seed=depth + d_out)
+    x = make_x(9000 if d_in == 768 else 1501, d_in, dtype, seed=depth)
+    runs = {}
+    for fused in (True, False):
+        y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, variant={"fused": fused},
+                                 **schedule_args(gpu, schedule))
+        runs[fused] = cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64), output_kernels(gpu)
+    vec = 16 // np.dtype(dtype).itemsize  # the route's loads: 16 bytes if a row of x allows it, else scalar
+    vec = vec if d_in % vec == 0 else 1
+    fits = depth + 1 <= 16 and d_out % vec == 0 and d_out // vec <= 192 and "leafsort" not in schedule
+    (y_f, r_f, (k_f, last_route)), (y_s, r_s, (k_s, _)) = runs[True], runs[False]
+    assert len(k_f) == 1 and len(k_s) == 1 and k_s[0].startswith("fff_output")
+    # fused wherever it fits and the last stage runs fff_route (not fff_route_staged)
+    assert k_f[0].startswith("fff_route<") == (fits and last_route.startswith("fff_route<")), (k_f, last_route)
+    np.testing.assert_array_equal(r_f, r_s)
+    np.testing.assert_array_equal(y_f, y_s)
+    check_layer(cpu, x, y_f, r_f)
 
 
 @requires_gpu

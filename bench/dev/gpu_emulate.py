@@ -14,6 +14,7 @@ Run: python bench/dev/gpu_emulate.py [pytest args, default: tests/test_gpu.py -q
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import types
 import weakref
@@ -57,16 +58,19 @@ def _arr(a):
     return None if a is None else np.asarray(a)
 
 
-def _route(grid, block, args):
+def _route(grid, block, args, vec=None, out=None):
+    """fff_route (``vec``, ``out``: its VEC and OUT template arguments) or, with ``out`` None, fff_route_staged."""
     (x, n, d_in, w_in, b_in, has_bias, n_trees, depth, tree, lo, hi, order, use_order, nodes, logits,
      key_level, keys, counts, keep_x, slots, slot_cap, in_counts, in_cap, perm_out, starts_out) = args[:25]
     assert keep_x in (0, 1) and (keep_x == 0 or hi < depth + 1)  # only stages before the last keep x in L2
     assert use_order in (0, 1, 2) and slot_cap >= 0 and (slot_cap == 0 or key_level >= 0)
-    if len(args) == 26:  # fff_route_staged: no slots to read; the order sorted by the start node's key
-        assert use_order != 2
+    if out is None:  # fff_route_staged: no slots to read; the order sorted by the start node's key
+        assert len(args) == 26 and use_order != 2
         if lo > 0:
             _check_sorted(args[25], order, int(n), lo,
                           lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
+    else:
+        assert len(args) == 29
     x, w_in, b_in, order, nodes, logits, keys, counts = map(_arr, (x, w_in, b_in, order, nodes, logits, keys, counts))
     if use_order == 2:  # tokens in bucket slots of the previous stage: the sorted order and its bucket starts
         in_counts, slots_in = _arr(in_counts), order
@@ -111,6 +115,11 @@ def _route(grid, block, args):
             else:
                 keys[tok] = key
             counts[key] += 1
+    if out:  # the last stage of a one-tree layer forms y (what the host promises the kernel)
+        w_out, d_out, act, y = args[25:]
+        assert n_trees == 1 and hi == depth + 1 == len(nodes3[0, 0]) and depth + 1 <= 16 and key_level < 0
+        assert d_out % vec == 0 and d_out <= 192 * vec and (out == 2) == (d_out == 192 * vec)
+        _output(grid, block, (nodes, logits, n, d_out, w_out, 1, depth, act, order, use_order, y))
 
 
 def _start_key(nodes, logits, tok, n_trees, tree, depth, lo):
@@ -177,6 +186,9 @@ class _Kernel:
         base = name.split("<")[0]
         self._fn = {"fff_route": _route, "fff_route_staged": _route, "fff_bucket_scatter": _scatter,
                     "fff_output": _output, "fff_output_staged": _output_staged}[base]
+        if base == "fff_route":  # its VEC and OUT template arguments
+            targs = name.rstrip(">").split("<")[1].split(",")
+            self._fn = functools.partial(_route, vec=int(targs[1]), out=int(targs[3]))
 
 
 def _decode(carg):

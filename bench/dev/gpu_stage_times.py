@@ -20,11 +20,15 @@ import pyfff.gpu
 from pyfff.gpu import _fff
 
 REPEATS = 30
-SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
+SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run ("fused": the last route stage forms y, the default)
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
+    "staged,output-kernel": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"fused": False}},
+    "staged,route-block-512": {"splits": "staged", "sort_output": False, "smem": True,
+                               "variant": {"route_block": 512}},
     "staged,leaf-output": {"splits": "staged", "sort_output": True, "smem": True},
     "staged,all-stages-staged": {"splits": "staged", "sort_output": False, "smem": "all"},
     "direct": {"splits": (), "sort_output": False, "smem": False},
+    "direct,output-kernel": {"splits": (), "sort_output": False, "smem": False, "variant": {"fused": False}},
 }
 
 

@@ -62,8 +62,11 @@ _SMEM_MIN_TOKENS = 8192
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
 # one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
 # fff_output_staged.
-_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6}
-_VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6)}
+# fused: the last fff_route stage of a one-tree layer also forms y (fff_route<..., OUT>) where it can (levels <=
+# _ROUTE_LANES, a row of y at most _ROUTE_VECTORS vectors), instead of a separate output kernel.
+_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "fused": True}
+_VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6),
+                    "fused": (False, True)}
 _STAGED_ROUTE_BLOCK = 512  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its subtree fills most of the shared memory)
 # Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
 # the last stage streams it (evict-first).
@@ -73,6 +76,7 @@ _KEEP_X_IN_L2 = True
 _SLOT_BYTES = 64 << 20
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
+_ROUTE_LANES = 16  # PYFFF_ROUTE_LANES: lanes per token in the route kernels
 _ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
 _MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
 
@@ -213,8 +217,14 @@ class _Plan:
         dev = layer.device_id
         r_block = variant["route_block"]
         exact = "true" if layer.d_in == _ROUTE_VECTORS * vec_in else "false"
-        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}>", dev)
+        route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}, 0>", dev)
         route_grid = _grid(route, r_block, -(-n // _ROUTE_TOKENS_PER_WARP), dev)
+        # the last route stage forms y itself (OUT 1, or 2: a row of y is exactly _ROUTE_VECTORS vectors)
+        fuse = (want_output and variant["fused"] and layer.n_trees == 1 and not sort_output
+                and levels <= _ROUTE_LANES and layer.d_out % vec_in == 0 and layer.d_out // vec_in <= _ROUTE_VECTORS)
+        out_code = 2 if layer.d_out == _ROUTE_VECTORS * vec_in else 1
+        route_out = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}, {out_code}>", dev) if fuse else None
+        fused = False  # whether a launch forms y
         staged_route = _kernel(f"fff_route_staged<{layer._ctype}, {vec_in}, {exact}>", dev) if smem else None
         scatter = _kernel("fff_bucket_scatter", dev)
         dummy = layer._dummy
@@ -270,7 +280,10 @@ class _Plan:
                     self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
                     route_smem = 4 * ((1 << lo) + 1) if handoff is not None else 0
-                    self.launches.append(_Launch(route, route_grid, r_block, args, smem=route_smem))
+                    fused = fuse and last
+                    args += [_ptr(layer.w_out), i32(layer.d_out), i32(layer._act), self.y_arg if fused else _ptr(dummy)]
+                    self.launches.append(_Launch(route_out if fused else route, route_grid, r_block, args,
+                                                 smem=route_smem))
                 handoff = None
                 if key_level >= 0 and use_slots:
                     self._keep.append(slots)
@@ -294,7 +307,7 @@ class _Plan:
         if smem and sort_output and len(bounds) > 2 and layer.n_trees == 1:
             # leaf order is also sorted by the last split's node: stage that subtree, neighbours share rows
             out_shift, out_key_level = out_key_level - bounds[-2], bounds[-2]
-        if want_output:
+        if want_output and not fused:
             self.launches.append(self._output_launch(layer, n, smem, variant, out_order, out_starts,
                                                      out_key_level, out_shift))
 

@@ -23,15 +23,18 @@ _OPTIONS = ("-std=c++17",)
 _TYPES = (("float", (4, 1)), ("double", (2, 1)))
 
 # fff_route and fff_route_staged take EXACT = whether a row is exactly the vectors the lanes keep in registers
-# (16 lanes x 12 vectors: 768 floats, 384 doubles); fff_output_staged takes column-slice vectors per lane (SJ)
-# and tokens per warp (TPW).
+# (16 lanes x 12 vectors: 768 floats, 384 doubles), fff_route also OUT (0: no output; 1, 2: forms y, 2 when a
+# row of y is exactly those vectors); fff_output_staged takes column-slice vectors per lane (SJ) and tokens per
+# warp (TPW).
 _STAGED_OUT_SJ = (3, 6)
 _STAGED_OUT_TPW = (1, 2, 4)
 
 NAME_EXPRESSIONS = {
     "fff.cu": tuple(f"fff_output<{ctype}, {vec}>" for ctype, vecs in _TYPES for vec in vecs)
-    + tuple(f"{kernel}<{ctype}, {vec}, {exact}>" for kernel in ("fff_route", "fff_route_staged")
-            for ctype, vecs in _TYPES for vec in vecs for exact in ("false", "true"))
+    + tuple(f"fff_route<{ctype}, {vec}, {exact}, {out}>" for ctype, vecs in _TYPES for vec in vecs
+            for exact in ("false", "true") for out in (0, 1, 2))
+    + tuple(f"fff_route_staged<{ctype}, {vec}, {exact}>" for ctype, vecs in _TYPES for vec in vecs
+            for exact in ("false", "true"))
     + tuple(f"fff_output_staged<{ctype}, {vec}, {sj}, {tpw}>" for ctype, vecs in _TYPES for vec in vecs
             for sj in _STAGED_OUT_SJ for tpw in _STAGED_OUT_TPW),
 }

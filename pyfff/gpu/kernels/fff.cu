@@ -4,13 +4,14 @@
 // templates are instantiated through name expressions, one per dtype and
 // vector width (and the variants named below):
 //
-//   fff_route<T, VEC, EXACT>         half a warp per token walks levels [lo, hi)
+//   fff_route<T, VEC, EXACT, OUT>    half a warp per token walks levels [lo, hi)
 //                                    of one tree, rows through L1/L2; stores the
 //                                    visited node and its logit per level and,
 //                                    optionally, the token's bucket key (or the
 //                                    token itself in its bucket's slots); reads
 //                                    its positions from an order or from the
-//                                    previous stage's slots.
+//                                    previous stage's slots. OUT: in the last
+//                                    stage of a one-tree layer, also forms y.
 //   fff_route_staged<T, VEC, EXACT>  the same walk with each block's subtree of
 //                                    levels [lo, hi) staged in shared memory.
 //   fff_bucket_scatter               counting sort of the tokens by that key, and
@@ -28,7 +29,8 @@
 // batch order = fff_route then fff_output; staged = fff_route_staged for the
 // first stage (filling the next stage's bucket slots), fff_route for later
 // stages in bucket order, then fff_output_staged (fff_bucket_scatter sorts
-// between stages where slots do not apply). All give bitwise the same nodes,
+// between stages where slots do not apply); for one tree, the last fff_route
+// forms y itself where its rows fit the registers (OUT). All give bitwise the same nodes,
 // logits and y: every route kernel sums a dot product in the same order, every
 // output kernel a token's terms in level order.
 //
@@ -370,14 +372,16 @@ __device__ __forceinline__ void store_slot(PendingSlot& pend, int* __restrict__ 
 // fff_bucket_scatter, or, when slot_cap > 0, straight into its bucket's slots: slots[key][rank] = tok, its
 // rank being the count before its increment (the order inside a bucket depends on timing). That store is left
 // in `pend` for the caller (store_slot), which makes it after starting its next token's loads, so that the
-// atomic's round trip overlaps them.
+// atomic's round trip overlaps them. Lane g of the group also keeps the node and logit of level g (t_node,
+// t_z), for an output formed by the same kernel (output_token).
 template <bool STAGED, bool EXACT, typename T, int VEC>
 __device__ __forceinline__ void walk_token(
     long long tok, bool store, int lane, const T (&xr)[PYFFF_ROUTE_XV][VEC], const T* __restrict__ x, int d_in,
     const T* __restrict__ w_in,
     const T* __restrict__ b_in, int has_bias, int n_trees, int depth, int tree, int lo, int hi,
     int* __restrict__ nodes, T* __restrict__ logits, int key_level, int* __restrict__ keys,
-    int* __restrict__ counts, int slot_cap, PendingSlot& pend, const T* sw, const T* sb, int key)
+    int* __restrict__ counts, int slot_cap, PendingSlot& pend, const T* sw, const T* sb, int key,
+    int& t_node, T& t_z)
 {
     const int nvec = d_in / VEC;
     const long long n_nodes = (2LL << depth) - 1;
@@ -410,6 +414,10 @@ __device__ __forceinline__ void walk_token(
             tok_nodes[level] = node;
             tok_logits[level] = z;
         }
+        if ((lane & (PYFFF_ROUTE_LANES - 1)) == level) {
+            t_node = node;
+            t_z = z;
+        }
         if (level == key_level) key_node = node;
         const int right = z > T(0) ? 1 : 0;  // ties and NaN go left
         node = 2 * node + 1 + right;
@@ -423,6 +431,49 @@ __device__ __forceinline__ void walk_token(
             if (slot_cap > 0) pend = {k, rank, (int)tok};  // stored by the caller once the rank is back
             else keys[tok] = k;
         }
+    }
+}
+
+// y[tok] = sum over levels l < levels of act(logit l) * w_out[node l] (one tree), formed by the token's lane
+// group right after its walk: lane g holds the node and logit of level g (levels <= PYFFF_ROUTE_LANES), and
+// the group keeps vectors g + PYFFF_ROUTE_LANES * j of the row of y in registers (x's registers, no longer
+// needed), reading the rows through L1/L2 in level order: the same sums in the same order as fff_output, so
+// bitwise the same y. EXACT_OUT: a row of y is exactly PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV vectors (else the
+// host guarantees at most that many). Only if `store` is the row written.
+template <bool EXACT_OUT, typename T, int VEC>
+__device__ __forceinline__ void output_token(long long tok, bool store, int lane, int t_node, T t_z, int levels,
+                                             int act, const T* __restrict__ w_out, int d_out, T* __restrict__ y) {
+    const int g = lane & (PYFFF_ROUTE_LANES - 1);
+    const int first = lane & ~(PYFFF_ROUTE_LANES - 1);
+    const int nvec = d_out / VEC;
+    const T a_l = g < levels ? activation(t_z, act) : T(0);
+    T acc[PYFFF_ROUTE_XV][VEC];
+    #pragma unroll
+    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+        #pragma unroll
+        for (int c = 0; c < VEC; ++c) acc[j][c] = T(0);
+    }
+    for (int l = 0; l < levels; ++l) {  // warp-uniform
+        const int nd = __shfl_sync(PYFFF_FULL_MASK, t_node, first + l);
+        const T a = __shfl_sync(PYFFF_FULL_MASK, a_l, first + l);
+        const T* __restrict__ wr = w_out + (long long)nd * d_out;
+        #pragma unroll
+        for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+            const int v = g + PYFFF_ROUTE_LANES * j;
+            if (EXACT_OUT || v < nvec) {
+                T w[VEC];
+                load_vec<kReadOnly>(wr + (long long)v * VEC, w);
+                #pragma unroll
+                for (int c = 0; c < VEC; ++c) acc[j][c] = fma(a, w[c], acc[j][c]);
+            }
+        }
+    }
+    if (!store) return;
+    T* __restrict__ yt = y + tok * d_out;
+    #pragma unroll
+    for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
+        const int v = g + PYFFF_ROUTE_LANES * j;
+        if (EXACT_OUT || v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
     }
 }
 
@@ -442,7 +493,11 @@ __device__ __forceinline__ void walk_token(
 // in_counts = its histogram by the node of level lo): every block computes the bucket starts (dynamic shared
 // memory: (2**lo + 1) ints), position p is rank p - start[b] of the bucket b holding it, and the kernel writes
 // the sorted order (perm_out) and, block 0, the bucket starts (starts_out) for the kernels after it.
-template <typename T, int VEC, bool EXACT>
+//
+// OUT > 0 (the last stage of a one-tree layer, levels = depth + 1 <= PYFFF_ROUTE_LANES, a row of y at most
+// PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV vectors; 2: exactly that many): the kernel also forms y (output_token),
+// so that no output kernel runs; the terms of levels < lo come from `nodes` and `logits`.
+template <typename T, int VEC, bool EXACT, int OUT>
 __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     const T* __restrict__ x,         // IN  (n, d_in)
     const long long n,
@@ -468,10 +523,15 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     const int* __restrict__ in_counts,  // IN  (2**lo,) bucket sizes of `order`, if use_order == 2
     const int in_cap,
     int* __restrict__ perm_out,      // OUT (n,) tokens in bucket order, if use_order == 2
-    int* __restrict__ starts_out)    // OUT (2**lo + 1,) bucket starts of perm_out, if use_order == 2
+    int* __restrict__ starts_out,    // OUT (2**lo + 1,) bucket starts of perm_out, if use_order == 2
+    const T* __restrict__ w_out,     // IN  (n_nodes, d_out), read only if OUT
+    const int d_out,                 // multiple of VEC
+    const int act,
+    T* __restrict__ y)               // OUT (n, d_out), written only if OUT
 {
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
+    const int g = lane & (PYFFF_ROUTE_LANES - 1);
     const int slot = threadIdx.x / PYFFF_ROUTE_LANES;  // this lane group's token slot in the block
     const int n_slots = blockDim.x / PYFFF_ROUTE_LANES;
     const PositionRange range = block_positions(n);
@@ -493,11 +553,19 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
         if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
         if (use_order == 2 && store && (lane & (PYFFF_ROUTE_LANES - 1)) == 0) perm_out[p] = (int)tok;
         T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
-        load_x<EXACT>(x + tok * d_in, d_in / VEC, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
+        load_x<EXACT>(x + tok * d_in, d_in / VEC, g, keep_x, xr);
+        int t_node = 0;  // lane g: the node and logit of level g (OUT)
+        T t_z = T(0);
+        if (OUT && g < lo) {  // levels of earlier stages
+            const long long base = (tok * n_trees + tree) * (depth + 1);
+            t_node = nodes[base + g];
+            t_z = logits[base + g];
+        }
         store_slot(pend, slots, slot_cap);  // the previous token's
         walk_token<false, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
                                          tree, lo, hi, nodes, logits, key_level, keys, counts, slot_cap, pend,
-                                         (const T*)nullptr, (const T*)nullptr, -1);
+                                         (const T*)nullptr, (const T*)nullptr, -1, t_node, t_z);
+        if (OUT) output_token<OUT == 2, T, VEC>(tok, store, lane, t_node, t_z, depth + 1, act, w_out, d_out, y);
     }
     store_slot(pend, slots, slot_cap);
 }
@@ -577,9 +645,11 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
             T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
             load_x<EXACT>(x + tok * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
             store_slot(pend, slots, slot_cap);  // the previous token's
+            int t_node;  // unused: no output here
+            T t_z;
             walk_token<true, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
                                             tree, lo, hi, nodes, logits, key_level, keys, counts, slot_cap, pend,
-                                            (const T*)sw, (const T*)sb, key);
+                                            (const T*)sw, (const T*)sb, key, t_node, t_z);
         }
         p = seg_end;
     }
