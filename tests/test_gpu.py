@@ -389,7 +389,7 @@ def output_kernels(gpu):
     """(names of the kernels of the most recent plan that write y: a fused route, fff_route<..., OUT > 0>, or an
     output kernel; the name of its last route kernel)."""
     plan = next(reversed(gpu._plans.values()))
-    names = [launch.kernel.name for launch in plan.launches]
+    names = [launch.name for launch in plan.launches]
     writers = [k for k in names if k.startswith("fff_output") or (k.startswith("fff_route<") and not k.endswith(" 0>"))]
     return writers, [k for k in names if k.startswith("fff_route")][-1]
 
@@ -423,6 +423,28 @@ def test_fused_output_is_bitwise_the_output_kernels(schedule, dtype, d_in, d_out
     np.testing.assert_array_equal(r_f, r_s)
     np.testing.assert_array_equal(y_f, y_s)
     check_layer(cpu, x, y_f, r_f)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,d_in,depth,splits,unstaged", [
+    (np.float32, 768, 11, (7,), 1), (np.float32, 768, 11, (8,), 2), (np.float32, 768, 7, (), 2),
+    (np.float64, 384, 9, (6,), 1), (np.float64, 384, 9, (7,), 2), (np.float32, 768, 11, (9,), 3)])
+def test_partially_staged_route_stages(dtype, d_in, depth, splits, unstaged):
+    """A first route stage deeper than the shared memory holds stages the levels that fit and walks up to two
+    more through L1/L2 (finer buckets for the next stage); three more: the stage runs fff_route. Bitwise the
+    same as batch order either way."""
+    import cupy as cp
+
+    cpu, gpu = make_layer(d_in, d_in, depth, dtype=dtype, seed=depth)
+    x = make_x(3001, d_in, dtype, seed=5)
+    y, (nodes, _) = gpu._run(cp.asarray(x), want_output=True, splits=splits, smem=True)
+    names = [launch.name for launch in next(reversed(gpu._plans.values())).launches]
+    assert names[0].startswith("fff_route_staged" if unstaged <= 2 else "fff_route<"), names
+    y, routes = cp.asnumpy(y), cp.asnumpy(nodes).astype(np.int64)
+    y_direct, r_direct = run_gpu(gpu, x, "direct")
+    np.testing.assert_array_equal(routes, r_direct)
+    np.testing.assert_array_equal(y, y_direct)
+    check_layer(cpu, x, y, routes)
 
 
 @requires_gpu

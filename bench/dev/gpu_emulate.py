@@ -65,7 +65,7 @@ def _route(grid, block, args, vec=None, out=None):
     assert keep_x in (0, 1) and (keep_x == 0 or hi < depth + 1)  # only stages before the last keep x in L2
     assert use_order in (0, 1, 2) and slot_cap >= 0 and (slot_cap == 0 or key_level >= 0)
     if out is None:  # fff_route_staged: no slots to read; the order sorted by the start node's key
-        assert len(args) == 26 and use_order != 2
+        assert len(args) == 27 and use_order != 2 and 1 <= args[26] <= hi - lo
         if lo > 0:
             _check_sorted(args[25], order, int(n), lo,
                           lambda tok: _start_key(nodes, logits, tok, n_trees, tree, depth, lo))
@@ -209,8 +209,8 @@ def _decode(carg):
 def emulated_launch(launch, stream_ptr):
     assert launch.grid >= 1 and launch.grid_y >= 1 and launch.block in (256, 384, 512, 768, 1024)
     # shared memory: the staged kernels' rows, or fff_route's bucket starts when it reads slots (use_order 2)
-    reads_slots = launch.kernel.name.startswith("fff_route<") and launch.cargs[12].value == 2
-    assert launch.smem <= 232448 and ("_staged" in launch.kernel.name or reads_slots) == (launch.smem > 0)
+    reads_slots = launch.name.startswith("fff_route<") and launch.cargs[12].value == 2
+    assert launch.smem <= 232448 and ("_staged" in launch.name or reads_slots) == (launch.smem > 0)
     launch.kernel._fn((launch.grid,), (launch.block,), [_decode(a) for a in launch.cargs])
 
 

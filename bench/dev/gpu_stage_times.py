@@ -23,8 +23,11 @@ REPEATS = 30
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run ("fused": the last route stage forms y, the default)
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
     "staged,output-kernel": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"fused": False}},
-    "staged,route-block-512": {"splits": "staged", "sort_output": False, "smem": True,
-                               "variant": {"route_block": 512}},
+    "split 7 (levels 0-5 staged, 6 through L1/L2)": {"splits": (7,), "sort_output": False, "smem": True},
+    "split 7,output-kernel": {"splits": (7,), "sort_output": False, "smem": True, "variant": {"fused": False}},
+    "split 8 (levels 0-5 staged, 6-7 through L1/L2)": {"splits": (8,), "sort_output": False, "smem": True},
+    "split 8,output-kernel": {"splits": (8,), "sort_output": False, "smem": True, "variant": {"fused": False}},
+    "split 7,route-block-512": {"splits": (7,), "sort_output": False, "smem": True, "variant": {"route_block": 512}},
     "staged,leaf-output": {"splits": "staged", "sort_output": True, "smem": True},
     "staged,all-stages-staged": {"splits": "staged", "sort_output": False, "smem": "all"},
     "direct": {"splits": (), "sort_output": False, "smem": False},
@@ -49,7 +52,7 @@ def stage_times(layer, x, kwargs):
         events[-1].synchronize()
         for i in range(len(plan.launches)):
             best[i] = min(best[i], cp.cuda.get_elapsed_time(events[i], events[i + 1]) * 1e3)
-    return [(launch.kernel.name if hasattr(launch.kernel, "name") else "?", launch.grid, launch.grid_y,
+    return [(launch.name, launch.grid, launch.grid_y,
              launch.block, launch.smem, t) for launch, t in zip(plan.launches, best)]
 
 

@@ -74,6 +74,9 @@ _KEEP_X_IN_L2 = True
 # A route stage hands its tokens to the next one (when that runs fff_route) in per-bucket slots, 2**key_level * n
 # ints, instead of through fff_bucket_scatter, when those take at most this many bytes.
 _SLOT_BYTES = 64 << 20
+# A staged route stage may walk this many levels below its staged subtree, reading their rows through L1/L2
+# (one level more in the first stage: finer buckets for the stage after it).
+_UNSTAGED_LEVELS = 2
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
 _ROUTE_LANES = 16  # PYFFF_ROUTE_LANES: lanes per token in the route kernels
@@ -106,12 +109,16 @@ def _host(a):
     return cp.asnumpy(a) if isinstance(a, cp.ndarray) else a
 
 
+_KERNEL_NAMES = {}  # function pointer -> name expression of the kernels loaded so far (CuPy names them mangled)
+
+
 def _kernel(name, device_id):
     """A compiled kernel of kernels/fff.cu on the current device (memoized by the loader)."""
     from . import _loader  # imports CuPy
 
     cp = _cupy()
     kernel = _loader.get_kernel(_KERNEL_FILE, name)
+    _KERNEL_NAMES[kernel.kernel.ptr] = name
     if "_staged" in name:  # may use all the shared memory a block can opt in to
         static = cp.cuda.driver.funcGetAttribute(_FUNC_ATTR_STATIC_SMEM, kernel.kernel.ptr)
         cp.cuda.driver.funcSetAttribute(kernel.kernel.ptr, _FUNC_ATTR_MAX_DYN_SMEM, _smem_optin(device_id) - static)
@@ -145,11 +152,12 @@ class _Launch:
     time instead of CuPy's per-argument conversion.
     """
 
-    __slots__ = ("kernel", "fptr", "grid", "grid_y", "block", "smem", "cargs", "params")
+    __slots__ = ("kernel", "name", "fptr", "grid", "grid_y", "block", "smem", "cargs", "params")
 
     def __init__(self, kernel, grid, block, cargs, *, grid_y=1, smem=0):
         self.kernel = kernel
         self.fptr = kernel.kernel.ptr
+        self.name = _KERNEL_NAMES.get(self.fptr, "?")  # as in kernels/fff.cu, e.g. "fff_route<float, 4, true, 0>"
         self.grid = int(grid)
         self.grid_y = int(grid_y)
         self.block = int(block)
@@ -237,9 +245,14 @@ class _Plan:
         bounds = (0, *splits, levels)
 
         def staged_stage(lo, hi):
-            """Whether the route stage [lo, hi) runs fff_route_staged (given a sorted order when lo > 0)."""
-            fits = _subtree_bytes(hi - lo, layer.d_in, itemsize) <= _smem_optin(dev)
-            return bool(smem) and fits and (lo == 0 or smem == "all")
+            """Levels of its subtree that the route stage [lo, hi) stages in shared memory (fff_route_staged, given
+            a sorted order when lo > 0): as many as fit, if that leaves at most _UNSTAGED_LEVELS below them
+            (read through L1/L2); 0: the stage runs fff_route."""
+            if not smem or not (lo == 0 or smem == "all"):
+                return 0
+            fit = max((k for k in range(1, hi - lo + 1) if _subtree_bytes(k, layer.d_in, itemsize) <= _smem_optin(dev)),
+                      default=0)
+            return fit if fit and fit >= hi - lo - _UNSTAGED_LEVELS else 0
 
         for tree in range(layer.n_trees):
             order, starts = None, None
@@ -274,8 +287,8 @@ class _Plan:
                 else:
                     args += [_ptr(dummy), i32(0), _ptr(dummy), _ptr(dummy)]
                 if staged_stage(lo, hi) and handoff is None:
-                    stage_bytes = _subtree_bytes(hi - lo, layer.d_in, itemsize)
-                    args.append(_ptr(dummy if starts is None else starts))
+                    stage_bytes = _subtree_bytes(staged_stage(lo, hi), layer.d_in, itemsize)
+                    args += [_ptr(dummy if starts is None else starts), i32(staged_stage(lo, hi))]
                     grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes)
                     self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:

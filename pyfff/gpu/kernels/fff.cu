@@ -366,9 +366,9 @@ __device__ __forceinline__ void store_slot(PendingSlot& pend, int* __restrict__ 
 
 // Walk token `tok` through levels [lo, hi) of tree `tree` (all lanes of the warp together, one token per
 // lane group; only a group's first lane writes, and only if `store`). xr: the token's row of x (load_x).
-// STAGED: the rows of the subtree below node `key` of level lo are in shared memory (sw, sb; key < 0: none);
-// a level where some token of the warp is outside it reads all rows from global memory (the same values, the
-// same sums). Bucket keys (key_level >= 0): counts[key] += 1, and the token goes to keys[tok] = key for
+// STAGED: the first `srows` rows (breadth-first) of the subtree below node `key` of level lo are in shared
+// memory (sw, sb; key < 0: none); a level where some token of the warp is outside them (below the staged
+// levels, say) reads all rows from global memory (the same values, the same sums). Bucket keys (key_level >= 0): counts[key] += 1, and the token goes to keys[tok] = key for
 // fff_bucket_scatter, or, when slot_cap > 0, straight into its bucket's slots: slots[key][rank] = tok, its
 // rank being the count before its increment (the order inside a bucket depends on timing). That store is left
 // in `pend` for the caller (store_slot), which makes it after starting its next token's loads, so that the
@@ -380,7 +380,7 @@ __device__ __forceinline__ void walk_token(
     const T* __restrict__ w_in,
     const T* __restrict__ b_in, int has_bias, int n_trees, int depth, int tree, int lo, int hi,
     int* __restrict__ nodes, T* __restrict__ logits, int key_level, int* __restrict__ keys,
-    int* __restrict__ counts, int slot_cap, PendingSlot& pend, const T* sw, const T* sb, int key,
+    int* __restrict__ counts, int slot_cap, PendingSlot& pend, const T* sw, const T* sb, int key, int srows,
     int& t_node, T& t_z)
 {
     const int nvec = d_in / VEC;
@@ -422,6 +422,7 @@ __device__ __forceinline__ void walk_token(
         const int right = z > T(0) ? 1 : 0;  // ties and NaN go left
         node = 2 * node + 1 + right;
         if (r >= 0) r = 2 * r + 1 + right;
+        if (r >= srows) r = -1;  // below the staged levels
     }
     if (key_level == hi) key_node = node;
     if (key_level >= 0 && leader) {  // bucket key: the node of key_level, counted from the level's first node
@@ -564,7 +565,7 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
         store_slot(pend, slots, slot_cap);  // the previous token's
         walk_token<false, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
                                          tree, lo, hi, nodes, logits, key_level, keys, counts, slot_cap, pend,
-                                         (const T*)nullptr, (const T*)nullptr, -1, t_node, t_z);
+                                         (const T*)nullptr, (const T*)nullptr, -1, 0, t_node, t_z);
         if (OUT) output_token<OUT == 2, T, VEC>(tok, store, lane, t_node, t_z, depth + 1, act, w_out, d_out, y);
     }
     store_slot(pend, slots, slot_cap);
@@ -584,11 +585,12 @@ __device__ __forceinline__ long long segment_end(long long p, long long end, lon
     return max(e, p + 1);
 }
 
-// fff_route with the rows of each segment's subtree (levels [lo, hi), weights and biases) staged in shared
-// memory by the whole block, so that each row crosses L2 once per segment instead of once per token.
-// Same arguments as fff_route plus `starts` (bucket starts of the sort that produced `order`, by the node
-// of level lo), launched with (2**(hi - lo) - 1) * (d_in + 1) * sizeof(T) bytes of dynamic shared memory
-// (rounded up to 16). Same sums in the same order as fff_route: bitwise the same nodes and logits. A token
+// fff_route with the rows of each segment's subtree (levels [lo, lo + staged_levels) of levels [lo, hi),
+// weights and biases) staged in shared memory by the whole block, so that each row crosses L2 once per
+// segment instead of once per token; deeper levels read their rows through L1/L2 as fff_route does.
+// Same arguments as fff_route (up to starts_out) plus `starts` (bucket starts of the sort that produced
+// `order`, by the node of level lo) and staged_levels, launched with (2**staged_levels - 1) * (d_in + 1) *
+// sizeof(T) bytes of dynamic shared memory (rounded up to 16). Same sums in the same order as fff_route: bitwise the same nodes and logits. A token
 // whose node is not in the staged subtree (never, with a consistent sort) reads that row from global memory.
 template <typename T, int VEC, bool EXACT>
 __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
@@ -598,7 +600,8 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     int* __restrict__ nodes, T* __restrict__ logits, const int key_level, int* __restrict__ keys,
     int* __restrict__ counts, const int keep_x, int* __restrict__ slots, const int slot_cap,
     const int* __restrict__ in_counts, const int in_cap, int* __restrict__ perm_out, int* __restrict__ starts_out,
-    const int* __restrict__ starts)  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
+    const int* __restrict__ starts,  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
+    const int staged_levels)         // 1 .. hi - lo
 {
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
@@ -607,7 +610,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     const int nvec = d_in / VEC;
     const int levels = depth + 1;
     const long long n_nodes = (2LL << depth) - 1;
-    const int rows = (1 << (hi - lo)) - 1;
+    const int rows = (1 << staged_levels) - 1;
     T* sw = reinterpret_cast<T*>(pyfff_smem);  // (rows, d_in)
     T* sb = sw + (long long)rows * d_in;        // (rows,)
     const PositionRange range = block_positions(n);
@@ -649,7 +652,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
             T t_z;
             walk_token<true, EXACT, T, VEC>(tok, store, lane, xr, x, d_in, w_in, b_in, has_bias, n_trees, depth,
                                             tree, lo, hi, nodes, logits, key_level, keys, counts, slot_cap, pend,
-                                            (const T*)sw, (const T*)sb, key, t_node, t_z);
+                                            (const T*)sw, (const T*)sb, key, rows, t_node, t_z);
         }
         p = seg_end;
     }
