@@ -49,7 +49,7 @@ BATCHES = (1, 2048, 16384)
 FFF_SCHEDULES = {
     "pyfff_gpu": None,
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
-    "staged,output-kernel": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"fused": False}},
+    "staged,fused": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"fused": True}},
     "staged,all-stages-staged": {"splits": "staged", "sort_output": False, "smem": "all"},
     "direct": {"splits": (), "sort_output": False, "smem": False},
 }

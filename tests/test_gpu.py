@@ -362,7 +362,7 @@ def test_gelu_is_accurate_to_an_ulp(dtype):
 
 VARIANTS = ([{"route_block": rb, "out_block": ob} for rb in (256, 512) for ob in (256, 768)]
             + [{"out_tpw": tpw, "out_sj": sj} for tpw in (1, 2, 4) for sj in (3, 6)]
-            + [{"fused": False, "route_block": rb} for rb in (256, 512)])
+            + [{"fused": fused, "route_block": rb} for fused in (False, True) for rb in (256, 512)])
 
 
 @requires_gpu

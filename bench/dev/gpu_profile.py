@@ -10,6 +10,7 @@ fff_output_staged (and the unstaged fff_route and fff_output), next to the warp-
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import numpy as np
 import pyfff
 import pyfff.gpu
 
+RUNS = int(os.environ.get("PYFFF_DEV_RUNS", "2"))  # runs per schedule (1: each kernel profiled once)
 SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
+    "staged,fused": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"fused": True}},
     "direct": {"splits": (), "sort_output": False, "smem": False},
 }
 
@@ -32,11 +35,11 @@ def main(batch=16384):
     layer = pyfff.gpu.FFF.from_cpu(pyfff.FFF.random(768, 768, 11, seed=0))
     x = cp.asarray(np.random.default_rng(0).standard_normal((batch, 768), dtype=np.float32))
     for name, kwargs in SCHEDULES.items():
-        for _ in range(2):
+        for _ in range(RUNS):
             layer._run(x, want_output=True, **kwargs)
         cp.cuda.Device().synchronize()
         print(f"ran {name}", flush=True)
-    for _ in range(2):
+    for _ in range(RUNS):
         warp_baseline(layer, x)
     cp.cuda.Device().synchronize()
     print("ran warp baseline", flush=True)

@@ -1,7 +1,8 @@
 """Per-kernel GPU time of pyfff.gpu's pipeline at the benchmark shape, with CUDA events around each launch.
 
 Run (repository root, GPU machine): PYTHONPATH=$PWD python bench/dev/gpu_stage_times.py [batch ...]
-Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_ROUTE=lanes,block (below).
+Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_ROUTE=lanes,block (below);
+PYFFF_DEV_NVRTC: extra NVRTC options (A/B of compile-time switches, e.g. -DPYFFF_PREFETCH_X=0).
 
 For each schedule, builds the launch plan with one call, then enqueues its launches one at a time with a
 CUDA event between consecutive launches, `REPEATS` times, and prints the best time of each launch (kernel
@@ -20,17 +21,14 @@ import pyfff.gpu
 from pyfff.gpu import _fff
 
 REPEATS = 30
-SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run ("fused": the last route stage forms y, the default)
+SCHEDULES = {  # keyword arguments of pyfff.gpu.FFF._run ("fused": the last route stage forms y)
     "staged": {"splits": "staged", "sort_output": False, "smem": True},
-    "staged,output-kernel": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"fused": False}},
-    "split 7 (levels 0-5 staged, 6 through L1/L2)": {"splits": (7,), "sort_output": False, "smem": True},
-    "split 7,output-kernel": {"splits": (7,), "sort_output": False, "smem": True, "variant": {"fused": False}},
+    "staged,fused": {"splits": "staged", "sort_output": False, "smem": True, "variant": {"fused": True}},
     "split 8 (levels 0-5 staged, 6-7 through L1/L2)": {"splits": (8,), "sort_output": False, "smem": True},
-    "split 8,output-kernel": {"splits": (8,), "sort_output": False, "smem": True, "variant": {"fused": False}},
-    "split 7,route-block-512": {"splits": (7,), "sort_output": False, "smem": True, "variant": {"route_block": 512}},
+    "split 8,fused": {"splits": (8,), "sort_output": False, "smem": True, "variant": {"fused": True}},
     "staged,leaf-output": {"splits": "staged", "sort_output": True, "smem": True},
     "staged,all-stages-staged": {"splits": "staged", "sort_output": False, "smem": "all"},
-    "direct": {"splits": (), "sort_output": False, "smem": False},
+    "direct (fused)": {"splits": (), "sort_output": False, "smem": False},
     "direct,output-kernel": {"splits": (), "sort_output": False, "smem": False, "variant": {"fused": False}},
 }
 
@@ -95,6 +93,10 @@ if __name__ == "__main__":
 
     if os.environ.get("PYFFF_DEV_KEEP_X") == "0":  # every route stage streams x (evict-first)
         _fff._KEEP_X_IN_L2 = False
+    if os.environ.get("PYFFF_DEV_NVRTC"):  # extra NVRTC options, e.g. -DPYFFF_PREFETCH_X=0
+        from pyfff.gpu import _loader
+
+        _loader._OPTIONS = _loader._OPTIONS + tuple(os.environ["PYFFF_DEV_NVRTC"].split())
     if os.environ.get("PYFFF_DEV_ROUTE"):
         route_variant(*(int(v) for v in os.environ["PYFFF_DEV_ROUTE"].split(",")))
     main([int(a) for a in sys.argv[1:]] or [2048, 16384])

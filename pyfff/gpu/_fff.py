@@ -11,7 +11,9 @@ every token's path (half a warp per token, the token's row of x in registers,
 16-byte row loads through L1/L2, a shuffle reduction per level) and stores the
 visited nodes and logits; then ``fff_output`` forms
 ``y = sum act(logit) * w_out[row]`` for all trees at once, one warp per token,
-writing each row of y once. The staged schedule (the default from
+writing each row of y once. For one tree (when the row of y and the terms fit
+its registers) the route kernel forms y itself right after each walk, and
+the whole layer is one launch (the ``fused`` variant). The staged schedule (the default from
 ``_SMEM_MIN_TOKENS`` tokens on): the levels are split into stages whose
 subtrees fit in shared memory (two stages of six levels at width 768, float32);
 ``fff_route_staged`` stages the root's subtree rows in shared memory and walks
@@ -56,17 +58,21 @@ _INT32_MAX = 2**31 - 1
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
 # From this batch size on, the default is the staged schedule (weight rows staged in shared memory). On the
-# H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py, fourth session): staged 47.8 / 77.4 / 118.0 us
-# against batch order 44.3 / 77.8 / 132.7 us at batch 4096 / 8192 / 16384, so the two cross near 8192 tokens.
-_SMEM_MIN_TOKENS = 8192
+# H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py, fifth session): staged 47.2 / 75.8 / 94.8 / 114.0
+# us against batch order (one fused launch) 34.0 / 63.9 / 93.5 / 120.3 us at batch 4096 / 8192 / 12288 / 16384.
+_SMEM_MIN_TOKENS = 12288
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
 # one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
 # fff_output_staged.
 # fused: the last fff_route stage of a one-tree layer also forms y (fff_route<..., OUT>) where it can (levels <=
-# _ROUTE_LANES, a row of y at most _ROUTE_VECTORS vectors), instead of a separate output kernel.
-_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "fused": True}
+# _ROUTE_LANES, a row of y at most _ROUTE_VECTORS vectors), instead of a separate output kernel; None: where no
+# route stage stages rows (smem False). Measured against fff_output (batch order): 22.5 / 34.0 / 63.9 / 120.3 us
+# against 27.4 / 44.4 / 77.9 / 132.0 us at batch 2048 / 4096 / 8192 / 16384; against fff_output_staged (staged
+# schedule): 67.4 / 94.3 / 118.5 us against 75.8 / 94.8 / 114.0 at 8192 / 12288 / 16384 (the fused kernel reads
+# 12 rows of w_out per token through L1, the staged one shares rows between a warp's two tokens in shared memory).
+_VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "fused": None}
 _VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6),
-                    "fused": (False, True)}
+                    "fused": (None, False, True)}
 _STAGED_ROUTE_BLOCK = 512  # PYFFF_STAGED_ROUTE_BLOCK: one block per SM (its subtree fills most of the shared memory)
 # Route stages before the last load x with L2's normal policy, so that the next stage finds part of it there;
 # the last stage streams it (evict-first).
@@ -228,7 +234,8 @@ class _Plan:
         route = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}, 0>", dev)
         route_grid = _grid(route, r_block, -(-n // _ROUTE_TOKENS_PER_WARP), dev)
         # the last route stage forms y itself (OUT 1, or 2: a row of y is exactly _ROUTE_VECTORS vectors)
-        fuse = (want_output and variant["fused"] and layer.n_trees == 1 and not sort_output
+        fuse = (want_output and (not smem if variant["fused"] is None else variant["fused"])
+                and layer.n_trees == 1 and not sort_output
                 and levels <= _ROUTE_LANES and layer.d_out % vec_in == 0 and layer.d_out // vec_in <= _ROUTE_VECTORS)
         out_code = 2 if layer.d_out == _ROUTE_VECTORS * vec_in else 1
         route_out = _kernel(f"fff_route<{layer._ctype}, {vec_in}, {exact}, {out_code}>", dev) if fuse else None
