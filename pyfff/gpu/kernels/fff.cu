@@ -288,21 +288,6 @@ __device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g
     }
 }
 
-// Asks L2 for a token's row of x ahead of its load_x, one 128-byte line per lane of the group and step (no
-// registers or shared memory held): the load then waits for L2 instead of HBM. PYFFF_PREFETCH_X=0: off.
-#ifndef PYFFF_PREFETCH_X
-#define PYFFF_PREFETCH_X 1
-#endif
-template <typename T>
-__device__ __forceinline__ void prefetch_x(const T* __restrict__ xt, int d_in, int g) {
-#if PYFFF_PREFETCH_X
-    const unsigned long long a = (unsigned long long)xt;
-    const unsigned long long last = (a + (unsigned long long)d_in * sizeof(T) - 1) & ~127ULL;
-    for (unsigned long long line = (a & ~127ULL) + 128ULL * g; line <= last; line += 128ULL * PYFFF_ROUTE_LANES)
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(line));
-#endif
-}
-
 // w . x for one row w (nvec vectors, read with loads of KIND: global or shared memory) and the token's x
 // (xr in registers, the rest of a wider row read from xt), reduced over the lane group. Every lane of the
 // group returns the sum of the group's first lane, so that all take the same branch. The summation order
@@ -570,12 +555,6 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
         if (use_order == 2 && store && (lane & (PYFFF_ROUTE_LANES - 1)) == 0) perm_out[p] = (int)tok;
         T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
         load_x<EXACT>(x + tok * d_in, d_in / VEC, g, keep_x, xr);
-        if (p0 + n_slots + (slot & 1) < range.end) {  // this group's next token: x on its way to L2
-            const long long pn = p0 + n_slots + (slot & 1);
-            const long long tn = use_order == 2 ? slot_token(order, starts, 1 << lo, in_cap, pn, n)
-                                                : token_at(order, use_order, pn, n);
-            if (tn >= 0) prefetch_x(x + tn * d_in, d_in, g);
-        }
         int t_node = 0;  // lane g: the node and logit of level g (OUT)
         T t_z = T(0);
         if (OUT && g < lo) {  // levels of earlier stages
@@ -644,10 +623,6 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
             : (int)start_node(nodes, logits, (tok0 * n_trees + tree) * levels, lo) - ((1 << lo) - 1);
         const int key = k0 >= 0 && k0 < (1 << lo) ? k0 : -1;  // -1: nothing staged
         const long long seg_end = segment_end(p, range.end, key, lo, starts, use_order);
-        if (p + slot < seg_end) {  // each group's first token of the segment: x on its way to L2 during the fill
-            const long long t1 = token_at(order, use_order, p + slot, n);
-            if (t1 >= 0) prefetch_x(x + t1 * d_in, d_in, lane & (PYFFF_ROUTE_LANES - 1));
-        }
         __syncthreads();  // the previous segment's rows are no longer read
         if (key >= 0) {
             for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {  // a warp per row
@@ -672,10 +647,6 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
             if (__any_sync(PYFFF_FULL_MASK, tok < 0)) continue;  // never, for a valid permutation
             T xr[PYFFF_ROUTE_XV][VEC];  // the token's row of x stays in registers for all levels
             load_x<EXACT>(x + tok * d_in, nvec, lane & (PYFFF_ROUTE_LANES - 1), keep_x, xr);
-            if (q0 + n_slots + (slot & 1) < seg_end) {  // this group's next token: x on its way to L2
-                const long long tn = token_at(order, use_order, q0 + n_slots + (slot & 1), n);
-                if (tn >= 0) prefetch_x(x + tn * d_in, d_in, lane & (PYFFF_ROUTE_LANES - 1));
-            }
             store_slot(pend, slots, slot_cap);  // the previous token's
             int t_node;  // unused: no output here
             T t_z;
