@@ -26,12 +26,14 @@ CASES = [
     (257, 20, 36, 12, 3, np.float32),  # 39 terms per token: fff_output's second batch of terms
     (4000, 768, 768, 11, 1, np.float32),  # the benchmark shape: staged subtrees of 63 rows, two column slices
 ]
-# (splits, sort_output, smem): "mid" = one split at half the depth, "staged" = the staged schedule's splits
+# (splits, sort_output, smem): "mid" = one split at half the depth, "staged" = the staged schedule's splits,
+# "8" = one split at level 8 (at width 768: a first stage that stages six levels and walks two through L1/L2)
 SCHEDULES = [((), False, False), ((), True, False), ("mid", True, False), ("mid", False, False),
              ("staged", False, True), ("mid", False, True), ((), False, True), ("mid", True, True),
-             ("staged", False, "all"), ("mid", True, "all")]
+             ("staged", False, "all"), ("mid", True, "all"), ("8", False, True)]
 VARIANTS = [{"route_block": 256, "out_block": 768, "out_tpw": 1, "out_sj": 6},  # threads per block, tokens per warp
-            {"route_block": 512, "out_block": 256, "out_tpw": 4, "out_sj": 3}]
+            {"route_block": 512, "out_block": 256, "out_tpw": 4, "out_sj": 3, "fused": True},  # route forms y
+            {"fused": False}]
 
 
 def main():
@@ -43,6 +45,8 @@ def main():
         for (splits, sort_output, smem), variant in ((s, v) for s in SCHEDULES for v in VARIANTS):
             if splits == "mid":
                 splits = (min(max(depth // 2, 1), 12),) if depth >= 1 else ()
+            elif splits == "8":
+                splits = (min(depth, 8),) if depth >= 1 else ()
             y, (nodes, _) = gpu._run(x, want_output=True, splits=splits, sort_output=sort_output, smem=smem,
                                      variant=variant)
             assert bool(cp.isfinite(y).all()), (batch, d_in, d_out, depth, splits)
