@@ -58,17 +58,17 @@ _INT32_MAX = 2**31 - 1
 _DEFAULT_SPLITS = ()
 _DEFAULT_SORT_OUTPUT = False
 # From this batch size on, the default is the staged schedule (weight rows staged in shared memory). On the
-# H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py, fifth session): staged 47.2 / 75.8 / 94.8 / 114.0
-# us against batch order (one fused launch) 34.0 / 63.9 / 93.5 / 120.3 us at batch 4096 / 8192 / 12288 / 16384.
+# H100 at width 768, depth 11 (bench/dev/gpu_stage_times.py, fifth session): staged 47.2 / 76.4 / 94.8 / 113.7
+# us against batch order (one fused launch) 34.0 / 64.2 / 93.5 / 119.8 us at batch 4096 / 8192 / 12288 / 16384.
 _SMEM_MIN_TOKENS = 12288
 # Kernel variants: threads per block of fff_route (256 or 512) and fff_output (256: three blocks per SM, or 768:
 # one), and tokens per warp and vectors per lane and token (column slices of 32 * out_sj vectors) of
 # fff_output_staged.
 # fused: the last fff_route stage of a one-tree layer also forms y (fff_route<..., OUT>) where it can (levels <=
 # _ROUTE_LANES, a row of y at most _ROUTE_VECTORS vectors), instead of a separate output kernel; None: where no
-# route stage stages rows (smem False). Measured against fff_output (batch order): 22.5 / 34.0 / 63.9 / 120.3 us
-# against 27.4 / 44.4 / 77.9 / 132.0 us at batch 2048 / 4096 / 8192 / 16384; against fff_output_staged (staged
-# schedule): 67.4 / 94.3 / 118.5 us against 75.8 / 94.8 / 114.0 at 8192 / 12288 / 16384 (the fused kernel reads
+# route stage stages rows (smem False). Measured against fff_output (batch order): 22.5 / 34.0 / 64.2 / 119.8 us
+# against 27.4 / 44.4 / 77.4 / 131.0 us at batch 2048 / 4096 / 8192 / 16384; against fff_output_staged (staged
+# schedule): 67.5 / 94.3 / 118.0 us against 76.4 / 94.8 / 113.7 at 8192 / 12288 / 16384 (the fused kernel reads
 # 12 rows of w_out per token through L1, the staged one shares rows between a warp's two tokens in shared memory).
 _VARIANT = {"route_block": 256, "out_block": 256, "out_tpw": 2, "out_sj": 6, "fused": None}
 _VARIANT_CHOICES = {"route_block": (256, 512), "out_block": (256, 768), "out_tpw": (1, 2, 4), "out_sj": (3, 6),
