@@ -857,6 +857,38 @@ __device__ __forceinline__ TokenTerms<T, TPW> load_terms(const int (&tok)[TPW], 
     return tt;
 }
 
+// acc[t] += act(logit l) * row l of token t for l = 0 .. levels - 1 (in that order), the warp's TPW tokens at
+// once: lane l holds row_l[t] (the term's row in `src`, from the lane's first vector on, `stride` elements
+// apart: staged rows in shared memory if SMEM, else the nodes' rows of w_out) and a_l[t]; a row shared with
+// the token before is loaded once.
+template <bool SMEM, bool FULL, typename T, int VEC, int SJ, int TPW>
+__device__ __forceinline__ void sum_terms(const int (&tok)[TPW], const int (&row_l)[TPW], const T (&a_l)[TPW],
+                                          int levels, const T* __restrict__ src, int stride, int sv, int lane,
+                                          T (&acc)[TPW][SJ][VEC]) {
+    for (int l = 0; l < levels; ++l) {
+        T w[SJ][VEC];
+        int held = -1;  // row whose slice is in w
+        #pragma unroll
+        for (int t = 0; t < TPW; ++t) {
+            const int row = __shfl_sync(PYFFF_FULL_MASK, row_l[t], l);
+            const T ak = __shfl_sync(PYFFF_FULL_MASK, a_l[t], l);
+            if (tok[t] < 0) continue;  // warp-uniform
+            if (row != held) {         // warp-uniform: a row shared with the token before is loaded once
+                const T* __restrict__ r = src + (long long)row * stride;
+                #pragma unroll
+                for (int j = 0; j < SJ; ++j)
+                    if (FULL || lane + 32 * j < sv) load_vec<SMEM ? kShared : kReadOnly>(r + 32 * j * VEC, w[j]);
+                held = row;
+            }
+            #pragma unroll
+            for (int j = 0; j < SJ; ++j) {
+                #pragma unroll
+                for (int c = 0; c < VEC; ++c) acc[t][j][c] = fma(ak, w[j][c], acc[t][j][c]);
+            }
+        }
+    }
+}
+
 template <bool FULL, typename T, int VEC, int SJ, int TPW>
 __device__ __forceinline__ void output_tokens(
     const TokenTerms<T, TPW>& tt, int levels, int act,
@@ -900,39 +932,12 @@ __device__ __forceinline__ void output_tokens(
         }
     }
     // Rows from shared memory when every term of the warp's tokens is staged (always, with a consistent sort),
-    // else all from global memory; either way one shuffle names a term's row (staged row or node).
-    const bool from_smem = __all_sync(PYFFF_FULL_MASK, all_staged);
-    const T* __restrict__ sw_lane = sw + lane * VEC;
-    const T* __restrict__ g_lane = w_out + (long long)(v0 + lane) * VEC;
-    for (int l = 0; l < levels; ++l) {
-        T w[SJ][VEC];
-        int held = -1;  // row whose slice is in w
-        #pragma unroll
-        for (int t = 0; t < TPW; ++t) {
-            const int row = __shfl_sync(PYFFF_FULL_MASK, from_smem ? row_l[t] : node_l[t], l);
-            const T ak = __shfl_sync(PYFFF_FULL_MASK, a_l[t], l);
-            if (tok[t] < 0) continue;  // warp-uniform
-            if (row != held) {         // warp-uniform: a row shared with the token before is loaded once
-                if (from_smem) {
-                    const T* __restrict__ src = sw_lane + row * stride;
-                    #pragma unroll
-                    for (int j = 0; j < SJ; ++j)
-                        if (FULL || lane + 32 * j < sv) load_vec<kShared>(src + 32 * j * VEC, w[j]);
-                } else {
-                    const T* __restrict__ src = g_lane + (long long)row * d_out;
-                    #pragma unroll
-                    for (int j = 0; j < SJ; ++j)
-                        if (FULL || lane + 32 * j < sv) load_vec<kReadOnly>(src + 32 * j * VEC, w[j]);
-                }
-                held = row;
-            }
-            #pragma unroll
-            for (int j = 0; j < SJ; ++j) {
-                #pragma unroll
-                for (int c = 0; c < VEC; ++c) acc[t][j][c] = fma(ak, w[j][c], acc[t][j][c]);
-            }
-        }
-    }
+    // else all from global memory (two instantiations of the loop, so that neither carries the other's loads).
+    if (__all_sync(PYFFF_FULL_MASK, all_staged))
+        sum_terms<true, FULL, T, VEC, SJ, TPW>(tok, row_l, a_l, levels, sw + lane * VEC, stride, sv, lane, acc);
+    else
+        sum_terms<false, FULL, T, VEC, SJ, TPW>(tok, node_l, a_l, levels, w_out + (long long)(v0 + lane) * VEC,
+                                                d_out, sv, lane, acc);
     #pragma unroll
     for (int t = 0; t < TPW; ++t) {
         if (tok[t] < 0) continue;
