@@ -397,19 +397,9 @@ __device__ __forceinline__ void walk_token(
     const T* __restrict__ w_tree = w_in + (long long)tree * n_nodes * d_in;
     const T* __restrict__ b_tree = b_in + (long long)tree * n_nodes;
     int key_node = 0;
-    for (int level = lo; level < hi; ++level) {
-        T z;
-        if (STAGED && __all_sync(PYFFF_FULL_MASK, r >= 0)) {  // warp-uniform
-            z = group_dot<kShared, EXACT>(sw + (long long)r * d_in, xr, xt, nvec, lane);
-            if (has_bias) {
-                T b[1];
-                ld_shared(sb + r, b);
-                z += b[0];
-            }
-        } else {
-            z = group_dot<kReadOnly, EXACT>(w_tree + (long long)node * d_in, xr, xt, nvec, lane);
-            if (has_bias) z += __ldg(b_tree + node);
-        }
+    int level = lo;
+    // after a level's logit z: the stores, this lane's term, the key, and the child to visit (returns the branch)
+    auto step = [&](T z) {
         if (leader) {
             tok_nodes[level] = node;
             tok_logits[level] = z;
@@ -421,8 +411,27 @@ __device__ __forceinline__ void walk_token(
         if (level == key_level) key_node = node;
         const int right = z > T(0) ? 1 : 0;  // ties and NaN go left
         node = 2 * node + 1 + right;
-        if (r >= 0) r = 2 * r + 1 + right;
-        if (r >= srows) r = -1;  // below the staged levels
+        return right;
+    };
+    // The staged levels (2**k - 1 = srows rows) from shared memory when every token of the warp starts in the
+    // staged subtree (warp-uniform; always, with a consistent sort), the levels below them through L1/L2: two
+    // loops, so that neither carries the other's loads.
+    if (STAGED && __all_sync(PYFFF_FULL_MASK, r >= 0)) {
+        const int staged_hi = min(hi, lo + 31 - __clz(srows + 1));
+        for (; level < staged_hi; ++level) {
+            T z = group_dot<kShared, EXACT>(sw + (long long)r * d_in, xr, xt, nvec, lane);
+            if (has_bias) {
+                T b[1];
+                ld_shared(sb + r, b);
+                z += b[0];
+            }
+            r = 2 * r + 1 + step(z);
+        }
+    }
+    for (; level < hi; ++level) {
+        T z = group_dot<kReadOnly, EXACT>(w_tree + (long long)node * d_in, xr, xt, nvec, lane);
+        if (has_bias) z += __ldg(b_tree + node);
+        step(z);
     }
     if (key_level == hi) key_node = node;
     if (key_level >= 0 && leader) {  // bucket key: the node of key_level, counted from the level's first node
