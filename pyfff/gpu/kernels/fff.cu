@@ -275,12 +275,13 @@ __device__ __forceinline__ long long slot_token(const int* __restrict__ slots, c
 template <bool EXACT, typename T, int VEC>
 __device__ __forceinline__ void load_x(const T* __restrict__ xt, int nvec, int g, bool keep,
                                        T (&xr)[PYFFF_ROUTE_XV][VEC]) {
+    const T* __restrict__ xg = xt + g * VEC;  // the lane's first vector; the others at constant offsets
     #pragma unroll
     for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
         const int v = g + PYFFF_ROUTE_LANES * j;
         if (EXACT || v < nvec) {
-            if (keep) load_vec<kReadOnly>(xt + (long long)v * VEC, xr[j]);
-            else load_vec<kStream>(xt + (long long)v * VEC, xr[j]);
+            if (keep) load_vec<kReadOnly>(xg + PYFFF_ROUTE_LANES * VEC * j, xr[j]);
+            else load_vec<kStream>(xg + PYFFF_ROUTE_LANES * VEC * j, xr[j]);
         } else {
             #pragma unroll
             for (int c = 0; c < VEC; ++c) xr[j][c] = T(0);
@@ -297,6 +298,7 @@ template <int KIND, bool EXACT, typename T, int VEC>
 __device__ __forceinline__ T group_dot(const T* __restrict__ w, const T (&xr)[PYFFF_ROUTE_XV][VEC],
                                        const T* __restrict__ xt, int nvec, int lane) {
     const int g = lane & (PYFFF_ROUTE_LANES - 1);
+    const T* __restrict__ wg = w + g * VEC;  // the lane's first vector; the others at constant offsets
     T acc[VEC];
     #pragma unroll
     for (int c = 0; c < VEC; ++c) acc[c] = T(0);
@@ -305,7 +307,7 @@ __device__ __forceinline__ T group_dot(const T* __restrict__ w, const T (&xr)[PY
         const int v = g + PYFFF_ROUTE_LANES * j;
         if (EXACT || v < nvec) {
             T wv[VEC];
-            load_vec<KIND>(w + (long long)v * VEC, wv);
+            load_vec<KIND>(wg + PYFFF_ROUTE_LANES * VEC * j, wv);
             #pragma unroll
             for (int c = 0; c < VEC; ++c) acc[c] = fma(wv[c], xr[j][c], acc[c]);
         }
@@ -466,24 +468,24 @@ __device__ __forceinline__ void output_token(long long tok, bool store, int lane
     for (int l = 0; l < levels; ++l) {  // warp-uniform
         const int nd = __shfl_sync(PYFFF_FULL_MASK, t_node, first + l);
         const T a = __shfl_sync(PYFFF_FULL_MASK, a_l, first + l);
-        const T* __restrict__ wr = w_out + (long long)nd * d_out;
+        const T* __restrict__ wr = w_out + (long long)nd * d_out + g * VEC;  // the lane's first vector of the row
         #pragma unroll
         for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
             const int v = g + PYFFF_ROUTE_LANES * j;
             if (EXACT_OUT || v < nvec) {
                 T w[VEC];
-                load_vec<kReadOnly>(wr + (long long)v * VEC, w);
+                load_vec<kReadOnly>(wr + PYFFF_ROUTE_LANES * VEC * j, w);
                 #pragma unroll
                 for (int c = 0; c < VEC; ++c) acc[j][c] = fma(a, w[c], acc[j][c]);
             }
         }
     }
     if (!store) return;
-    T* __restrict__ yt = y + tok * d_out;
+    T* __restrict__ yt = y + tok * d_out + g * VEC;
     #pragma unroll
     for (int j = 0; j < PYFFF_ROUTE_XV; ++j) {
         const int v = g + PYFFF_ROUTE_LANES * j;
-        if (EXACT_OUT || v < nvec) store_vec<T, VEC>(yt + (long long)v * VEC, acc[j]);
+        if (EXACT_OUT || v < nvec) store_vec<T, VEC>(yt + PYFFF_ROUTE_LANES * VEC * j, acc[j]);
     }
 }
 
