@@ -253,7 +253,7 @@ def fake_cupy():
         def synchronize(self):
             pass
 
-    attrs = {16: 132, 39: 2048, 81: 233472, 82: 65536, 97: 232448}  # an H100's
+    attrs = {16: 132, 39: 2048, 75: 7, 81: 233472, 82: 65536, 97: 232448}  # an H100's (compute capability 7: no PDL)
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceGetAttribute=lambda a, d: attrs[a])
     driver = types.SimpleNamespace(funcSetAttribute=lambda f, attr, value: None,
                                    funcGetAttribute=lambda attr, f: 80)

@@ -89,6 +89,10 @@ _ROUTE_LANES = 16  # PYFFF_ROUTE_LANES: lanes per token in the route kernels
 _ROUTE_VECTORS = 16 * 12  # PYFFF_ROUTE_LANES * PYFFF_ROUTE_XV: vectors of a row the route kernels keep in registers
 _MAX_PLANS = 8  # launch plans (workspaces) kept per layer, most recent first
 
+# Kernels after the first of a pass are launched as programmatic dependents (sm_90 and later; measured in
+# docs/gpu.md, fifth session).
+_PDL = True
+_ATTR_CC_MAJOR = 75  # cudaDevAttrComputeCapabilityMajor
 _ATTR_SM_COUNT = 16  # cudaDevAttrMultiProcessorCount
 _ATTR_SMEM_PER_SM = 81  # cudaDevAttrMaxSharedMemoryPerMultiprocessor
 _ATTR_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -158,7 +162,8 @@ class _Launch:
     time instead of CuPy's per-argument conversion.
     """
 
-    __slots__ = ("kernel", "name", "fptr", "grid", "grid_y", "block", "smem", "cargs", "params")
+    __slots__ = ("kernel", "name", "fptr", "grid", "grid_y", "block", "smem", "cargs", "params", "config",
+                 "attr")
 
     def __init__(self, kernel, grid, block, cargs, *, grid_y=1, smem=0):
         self.kernel = kernel
@@ -170,12 +175,74 @@ class _Launch:
         self.smem = int(smem)
         self.cargs = cargs
         self.params = (ctypes.c_void_p * len(cargs))(*[ctypes.addressof(a) for a in cargs])
+        self.config = None  # a _LaunchConfig once dependent() is called
+        self.attr = None
+
+    def dependent(self):
+        """Launch with programmatic stream serialization (cuLaunchKernelEx): the kernel may start while the one
+        before it in the stream finishes; it waits for it on the device (grid_dependency in kernels/fff.cu)."""
+        self.attr = _LaunchAttr(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attr.value.allowed = 1
+        self.config = _LaunchConfig(self.grid, self.grid_y, 1, self.block, 1, 1, self.smem, None,
+                                    ctypes.pointer(self.attr), 1)
+
+
+# cuLaunchKernelEx's structures (cuda.h, CUDA 12 and later), for programmatic dependent launches, which CuPy does
+# not wrap.
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttrValue(ctypes.Union):
+    _fields_ = [("allowed", ctypes.c_int), ("pad", ctypes.c_char * 64), ("align", ctypes.c_uint64)]
+
+
+class _LaunchAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _LaunchAttrValue)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)),
+                ("n_attrs", ctypes.c_uint)]
+
+
+_CU_LAUNCH_KERNEL_EX = []  # the driver's cuLaunchKernelEx, once loaded
+
+
+def _cu_launch_kernel_ex():
+    if not _CU_LAUNCH_KERNEL_EX:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _CU_LAUNCH_KERNEL_EX.append(fn)
+    return _CU_LAUNCH_KERNEL_EX[0]
+
+
+def _pdl_supported(device_id):
+    """Whether plans on this device launch their kernels after the first as programmatic dependents: sm_90 or
+    later, a Linux driver with cuLaunchKernelEx, and _PDL set."""
+    cp = _cupy()
+    if not _PDL or cp.cuda.runtime.deviceGetAttribute(_ATTR_CC_MAJOR, device_id) < 9:
+        return False
+    try:
+        _cu_launch_kernel_ex()
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _launch(launch, stream_ptr):
     """Enqueue ``launch`` on the stream; CUDA errors raise ``CUDADriverError``."""
-    _cupy().cuda.driver.launchKernel(launch.fptr, launch.grid, launch.grid_y, 1, launch.block, 1, 1, launch.smem,
-                                     stream_ptr, ctypes.addressof(launch.params), 0)
+    cp = _cupy()
+    if launch.config is None:
+        cp.cuda.driver.launchKernel(launch.fptr, launch.grid, launch.grid_y, 1, launch.block, 1, 1, launch.smem,
+                                    stream_ptr, ctypes.addressof(launch.params), 0)
+        return
+    launch.config.stream = stream_ptr
+    status = _cu_launch_kernel_ex()(ctypes.byref(launch.config), launch.fptr, ctypes.addressof(launch.params), None)
+    if status:
+        raise cp.cuda.driver.CUDADriverError(status)
 
 
 def _ptr(arr):
@@ -330,6 +397,9 @@ class _Plan:
         if want_output and not fused:
             self.launches.append(self._output_launch(layer, n, smem, variant, out_order, out_starts,
                                                      out_key_level, out_shift))
+        if _pdl_supported(dev):  # the first launch follows the histograms' memset, the others a kernel
+            for launch in self.launches[1:]:
+                launch.dependent()
 
     def _output_launch(self, layer, n, smem, variant, order, starts, key_level, shift=0):
         """The launch that forms y: fff_output_staged where it applies (one tree, its rows fit), else fff_output."""

@@ -190,6 +190,20 @@ __device__ __forceinline__ double activation(double z, int act) {
     return z < 0.0 ? 0.0 : z;
 }
 
+// ---------------------------------------------------------------- launches
+
+// Programmatic dependent launch (sm_90 and later): the host may launch a kernel while the one before it in the
+// stream is still running (its blocks then start on SMs as they free up, instead of after a full drain and a
+// launch); the kernel waits here, before it reads or writes anything, for that grid to complete and its writes
+// to be visible, then lets the kernel after it be launched early the same way. Every kernel calls it first
+// thing. Without such a launch (or before sm_90) both instructions return at once.
+__device__ __forceinline__ void grid_dependency() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---------------------------------------------------------------- work split
 
 // This block's contiguous range [begin, end) of the positions 0 .. n-1 (one chunk per block, so that
@@ -541,6 +555,7 @@ __global__ void __launch_bounds__(PYFFF_ROUTE_MAX_BLOCK, 1) fff_route(
     const int act,
     T* __restrict__ y)               // OUT (n, d_out), written only if OUT
 {
+    grid_dependency();  // programmatic dependent launch (see grid_dependency)
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
     const int g = lane & (PYFFF_ROUTE_LANES - 1);
@@ -614,6 +629,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     const int* __restrict__ starts,  // IN  (2**lo + 1,) bucket starts of `order`, read only if use_order
     const int staged_levels)         // 1 .. hi - lo
 {
+    grid_dependency();  // programmatic dependent launch (see grid_dependency)
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
     const int slot = threadIdx.x / PYFFF_ROUTE_LANES;
@@ -689,6 +705,7 @@ extern "C" __global__ void __launch_bounds__(PYFFF_SCATTER_THREADS) fff_bucket_s
     int* __restrict__ perm,          // OUT (n,)
     int* __restrict__ starts)        // OUT (n_buckets + 1,) bucket b is perm[starts[b] : starts[b + 1]]
 {
+    grid_dependency();  // programmatic dependent launch (see grid_dependency)
     __shared__ int offset[PYFFF_MAX_BUCKETS];
     __shared__ int local[PYFFF_MAX_BUCKETS];
     __shared__ int warp_total[PYFFF_SCATTER_THREADS / 32];
@@ -771,6 +788,7 @@ __global__ void __launch_bounds__(PYFFF_MAX_BLOCK, 1) fff_output(
     const int use_order,
     T* __restrict__ y)               // OUT (n, d_out)
 {
+    grid_dependency();  // programmatic dependent launch (see grid_dependency)
     constexpr int J = PYFFF_MAXV;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -989,6 +1007,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
     const int slice_vecs,            // vectors per column slice, 1 .. 32 * SJ
     T* __restrict__ y)               // OUT (n, d_out)
 {
+    grid_dependency();  // programmatic dependent launch (see grid_dependency)
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
