@@ -26,7 +26,8 @@ much memory, or with ``smem="all"`` (every stage staged), ``fff_bucket_scatter``
 sorts the tokens between stages instead.
 Every schedule gives bitwise the same results. Launches are prepared once per
 (batch size, schedule, stream) in a :class:`_Plan` with cached workspaces and
-enqueued through ``cuLaunchKernel``.
+enqueued through ``cuLaunchKernel`` (on sm_90 and later, the kernels after the
+first through ``cuLaunchKernelEx`` as programmatic dependents).
 
 Other schedules (``_run(splits=..., sort_output=..., smem=...)``, all tested)
 re-sort the tokens between unstaged route stages and/or by their leaf; they
