@@ -169,8 +169,13 @@ def _output(grid, block, args):
 
 
 def _output_staged(grid, block, args):
-    nodes, logits, n, d_out, w_out, depth, act, order, use_order, starts, key_level, shift, slice_vecs, y = args
+    nodes, logits, n, d_out, w_out, depth, act, order, use_order, starts, key_level, shift, slice_vecs, y = args[:14]
+    key_counts = args[14]
     assert 1 <= slice_vecs and depth + 1 <= 32 and shift >= 0 and key_level + shift <= depth
+    if key_counts is not None:  # the kernel's bucket starts from the sort's histogram equal the sort's own
+        assert use_order and shift == 0
+        own = np.concatenate([[0], np.cumsum(np.asarray(key_counts)[: 2**key_level])])
+        assert (own == np.asarray(starts)[: 2**key_level + 1]).all()
     if use_order:
         level = key_level + shift
         _check_sorted(starts, order, int(n), level, lambda tok: int(nodes[tok * (depth + 1) + level]) - (2**level - 1))
@@ -194,6 +199,8 @@ class _Kernel:
 def _decode(carg):
     """A ctypes kernel argument as the emulated kernels take it: pointers become the arrays there."""
     if isinstance(carg, ctypes.c_void_p):
+        if carg.value is None:  # a null pointer
+            return None
         for ref in reversed(_LIVE):
             arr = ref()
             if arr is None:

@@ -264,11 +264,12 @@ def _grid(kernel, block, n_items, device_id, smem=0):
     return max(1, min(-(-n_items // (block // 32)), per_sm * n_sm))
 
 
-def _output_slices(rows, nvec, vec_bytes, sj, device_id):
+def _output_slices(rows, nvec, vec_bytes, sj, device_id, reserve=0):
     """(vectors per column slice, number of slices) for fff_output_staged with ``rows`` staged rows of
-    ``nvec`` vectors and ``sj`` vectors per lane, or None when not even a 32-vector slice (or the whole row)
-    fits. Slices are as wide as the kernel takes (32 * sj vectors) and as equal as they can be."""
-    width = min(32 * sj, nvec, _smem_optin(device_id) // (rows * vec_bytes))
+    ``nvec`` vectors and ``sj`` vectors per lane (and ``reserve`` bytes beside them), or None when not even a
+    32-vector slice (or the whole row) fits. Slices are as wide as the kernel takes (32 * sj vectors) and as
+    equal as they can be."""
+    width = min(32 * sj, nvec, (_smem_optin(device_id) - reserve) // (rows * vec_bytes))
     if width < min(32, nvec):  # narrower slices would leave lanes idle: fff_output does better
         return None
     n_slices = -(-nvec // width)
@@ -316,6 +317,7 @@ class _Plan:
         i32, i64 = ctypes.c_int32, ctypes.c_int64
         self.launches = []
         out_order, out_starts, out_key_level = None, None, 0
+        out_counts = starts_counts = None  # the histograms behind out_starts and starts
         i_sort = 0
         bounds = (0, *splits, levels)
 
@@ -351,6 +353,7 @@ class _Plan:
                         i32(layer.n_trees), i32(layer.depth), i32(tree), i32(lo), i32(hi)]
                 if handoff is not None:  # fff_route reads the slots and writes the order and bucket starts
                     order, starts = cp.empty(n, dtype=cp.int32), self.work[handoff[1], 2]
+                    starts_counts = self.work[handoff[1], 0]
                     self._keep.append(order)
                     args += [_ptr(handoff[0]), i32(2)]
                 else:
@@ -380,29 +383,29 @@ class _Plan:
                 elif key_level >= 0:
                     perm = cp.empty(n, dtype=cp.int32)
                     self._keep.append(perm)
-                    starts = self.work[i_sort, 2]
+                    starts, starts_counts = self.work[i_sort, 2], self.work[i_sort, 0]
                     self.launches.append(_Launch(scatter, -(-n // _SCATTER_TOKENS), _SCATTER_THREADS, [
                         _ptr(keys), i64(n), _ptr(counts), i32(1 << key_level), _ptr(self.work[i_sort, 1]),
                         _ptr(perm), _ptr(starts)]))
                     i_sort += 1
                     if last:
-                        out_order, out_starts, out_key_level = perm, starts, key_level
+                        out_order, out_starts, out_key_level, out_counts = perm, starts, key_level, starts_counts
                     else:
                         order = perm
             if smem and not sort_output and order is not None:  # the output follows the last route sort
-                out_order, out_starts, out_key_level = order, starts, bounds[-2]
+                out_order, out_starts, out_key_level, out_counts = order, starts, bounds[-2], starts_counts
         out_shift = 0
         if smem and sort_output and len(bounds) > 2 and layer.n_trees == 1:
             # leaf order is also sorted by the last split's node: stage that subtree, neighbours share rows
             out_shift, out_key_level = out_key_level - bounds[-2], bounds[-2]
         if want_output and not fused:
             self.launches.append(self._output_launch(layer, n, smem, variant, out_order, out_starts,
-                                                     out_key_level, out_shift))
+                                                     out_key_level, out_shift, None if out_shift else out_counts))
         if _pdl_supported(dev):  # the first launch follows the histograms' memset, the others a kernel
             for launch in self.launches[1:]:
                 launch.dependent()
 
-    def _output_launch(self, layer, n, smem, variant, order, starts, key_level, shift=0):
+    def _output_launch(self, layer, n, smem, variant, order, starts, key_level, shift=0, counts=None):
         """The launch that forms y: fff_output_staged where it applies (one tree, its rows fit), else fff_output."""
         i32, i64 = ctypes.c_int32, ctypes.c_int64
         dev = layer.device_id
@@ -412,10 +415,14 @@ class _Plan:
         levels = layer.depth + 1
         if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
             rows = key_level + 2 ** (levels - key_level) - 1
-            slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev)
+            # with the sort's histogram, the kernel stages its first rows before waiting for the route to finish,
+            # from bucket starts it computes into shared memory after the rows
+            counts = counts if order is not None else None
+            starts_bytes = 0 if counts is None else -(-4 * ((1 << key_level) + 1) // 16) * 16
+            slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev, starts_bytes)
             if slices is not None:
                 width, n_slices = slices
-                nbytes = rows * width * vec_out * layer.dtype.itemsize
+                nbytes = rows * width * vec_out * layer.dtype.itemsize + starts_bytes
                 kernel = _kernel(f"fff_output_staged<{layer._ctype}, {vec_out}, {variant['out_sj']}, "
                                  f"{variant['out_tpw']}>", dev)
                 block = _staged_out_block(variant["out_sj"], variant["out_tpw"])
@@ -424,7 +431,8 @@ class _Plan:
                     _ptr(self.nodes), _ptr(self.logits), i64(n), i32(layer.d_out), _ptr(layer.w_out),
                     i32(layer.depth), i32(layer._act), _ptr(dummy if order is None else order),
                     i32(order is not None), _ptr(dummy if starts is None else starts), i32(key_level),
-                    i32(shift), i32(width), self.y_arg], grid_y=n_slices, smem=nbytes)
+                    i32(shift), i32(width), self.y_arg, ctypes.c_void_p(None if counts is None else counts.data.ptr)],
+                    grid_y=n_slices, smem=nbytes)
         g_block = variant["out_block"]
         output = _kernel(f"fff_output<{layer._ctype}, {vec_out}>", dev)
         return _Launch(output, _grid(output, g_block, n, dev), g_block, [

@@ -255,17 +255,22 @@ __device__ __forceinline__ void bucket_starts(const int* __restrict__ counts, in
     __syncthreads();
 }
 
-// Token at position p of tokens kept in bucket slots (slots[b * cap + r]: rank r of bucket b; starts from
-// bucket_starts): p's bucket is the last b with starts[b] <= p. -1 if out of range (never, for consistent
-// counts and slots).
-__device__ __forceinline__ long long slot_token(const int* __restrict__ slots, const int* starts, int nb, int cap,
-                                                long long p, long long n) {
+// The bucket holding position p of a sorted order: the last b with starts[b] <= p (starts from bucket_starts).
+// Token at position p of tokens kept in bucket slots (slots[b * cap + r]: rank r of bucket b): -1 if out of
+// range (never, for consistent counts and slots).
+__device__ __forceinline__ int bucket_of(const int* starts, int nb, long long p) {
     int b = 0, e = nb;  // starts[b] <= p < starts[e]
     while (e - b > 1) {
         const int mid = (b + e) >> 1;
         if (starts[mid] <= p) b = mid;
         else e = mid;
     }
+    return b;
+}
+
+__device__ __forceinline__ long long slot_token(const int* __restrict__ slots, const int* starts, int nb, int cap,
+                                                long long p, long long n) {
+    const int b = bucket_of(starts, nb, p);
     const long long r = p - starts[b];
     const long long tok = r >= 0 && r < cap ? (long long)slots[(long long)b * cap + r] : -1;
     return (tok >= 0 && tok < n) ? tok : -1;
@@ -1005,9 +1010,9 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
     const int key_level,
     const int starts_shift,          // `order` sorted by the node of level key_level + starts_shift (>= 0)
     const int slice_vecs,            // vectors per column slice, 1 .. 32 * SJ
-    T* __restrict__ y)               // OUT (n, d_out)
+    T* __restrict__ y,               // OUT (n, d_out)
+    const int* __restrict__ key_counts)  // IN  (2**key_level,) bucket sizes of `order`, or nullptr (below)
 {
-    grid_dependency();  // programmatic dependent launch (see grid_dependency)
     extern __shared__ __align__(16) unsigned char pyfff_smem[];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -1021,6 +1026,28 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
     const int stride = slice_vecs * VEC;         // elements per staged row
     T* sw = reinterpret_cast<T*>(pyfff_smem);   // (rows, stride)
     const PositionRange range = block_positions(n);
+    // the rows of `key` for this block's slice (a warp per row)
+    auto stage_rows = [&](int key) {
+        const int key_node = ((1 << s) - 1) + key;
+        for (int r = warp; r < rows; r += n_warps) {
+            const long long node = r < s ? ancestor(key_node, s, r) : subtree_node(r - s, s, key);
+            const T* __restrict__ src = w_out + node * d_out + (long long)v0 * VEC;
+            for (int c = lane; c < sv; c += 32) copy_vec<T, VEC>(sw + r * stride + c * VEC, src + c * VEC);
+        }
+        copies_done();
+    };
+    // Before waiting for the kernel before this one (grid_dependency), with key_counts (the histogram of the
+    // sort that `order` follows, written by a kernel that finished before that one started): the first
+    // segment's bucket is the one holding position range.begin, so its rows are staged while the route's last
+    // blocks finish. Needs (2**key_level + 1) ints of shared memory after the rows.
+    int pre_key = -1;
+    if (key_counts != nullptr && sv > 0 && range.begin < range.end) {  // block-uniform
+        int* pstarts = reinterpret_cast<int*>(sw + (long long)rows * stride);
+        bucket_starts(key_counts, 1 << s, pstarts);
+        pre_key = bucket_of(pstarts, 1 << s, range.begin);
+        stage_rows(pre_key);
+    }
+    grid_dependency();  // programmatic dependent launch (see grid_dependency)
     if (sv <= 0) return;
 
     long long p = range.begin;
@@ -1030,15 +1057,7 @@ __global__ void __launch_bounds__(PYFFF_STAGED_OUT_BLOCK(SJ, TPW), 1) fff_output
         const int key = k0 >= 0 && k0 < (1 << s) ? k0 : -1;  // -1: nothing staged
         const long long seg_end = segment_end(p, range.end, key, s, starts, use_order, starts_shift);
         __syncthreads();  // the previous segment's rows are no longer read
-        if (key >= 0) {
-            const int key_node = ((1 << s) - 1) + key;
-            for (int r = warp; r < rows; r += n_warps) {  // a warp per row
-                const long long node = r < s ? ancestor(key_node, s, r) : subtree_node(r - s, s, key);
-                const T* __restrict__ src = w_out + node * d_out + (long long)v0 * VEC;
-                for (int c = lane; c < sv; c += 32) copy_vec<T, VEC>(sw + r * stride + c * VEC, src + c * VEC);
-            }
-            copies_done();
-        }
+        if (key >= 0 && !(p == range.begin && key == pre_key)) stage_rows(key);  // else staged before the wait
         __syncthreads();
 
         // warp-uniform loop; the next group's tokens, nodes and logits are loaded before this group's sums
