@@ -6,7 +6,8 @@ dram__bytes_write.sum,lts__t_sector_hit_rate.pct,l1tex__t_sector_hit_rate.pct py
 Width 768, depth 11, float32, batch 16384 (override with the first argument). Each schedule runs
 twice (the first run also compiles; filter with ncu's --launch-skip if needed); ncu's per-kernel rows show
 where the time of a pass goes: the two fff_route_staged stages, the fff_bucket_scatter sort and
-fff_output_staged (and the unstaged fff_route and fff_output), next to the warp-per-token baseline of bench/dev/gpu_warp_baseline.cu.
+fff_output_staged (and the unstaged fff_route and fff_output), next to the warp-per-token baseline of
+bench/dev/gpu_warp_baseline.cu. PYFFF_DEV_RUNS=1: one run per schedule.
 """
 from __future__ import annotations
 

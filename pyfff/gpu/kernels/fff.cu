@@ -388,13 +388,13 @@ __device__ __forceinline__ void store_slot(PendingSlot& pend, int* __restrict__ 
 // Walk token `tok` through levels [lo, hi) of tree `tree` (all lanes of the warp together, one token per
 // lane group; only a group's first lane writes, and only if `store`). xr: the token's row of x (load_x).
 // STAGED: the first `srows` rows (breadth-first) of the subtree below node `key` of level lo are in shared
-// memory (sw, sb; key < 0: none); a level where some token of the warp is outside them (below the staged
-// levels, say) reads all rows from global memory (the same values, the same sums). Bucket keys (key_level >= 0): counts[key] += 1, and the token goes to keys[tok] = key for
-// fff_bucket_scatter, or, when slot_cap > 0, straight into its bucket's slots: slots[key][rank] = tok, its
-// rank being the count before its increment (the order inside a bucket depends on timing). That store is left
-// in `pend` for the caller (store_slot), which makes it after starting its next token's loads, so that the
-// atomic's round trip overlaps them. Lane g of the group also keeps the node and logit of level g (t_node,
-// t_z), for an output formed by the same kernel (output_token).
+// memory (sw, sb; key < 0: none); a level where some token of the warp is outside them (below the staged levels, say)
+// reads all rows from global memory (the same values, the same sums). Bucket keys (key_level >= 0): counts[key] += 1,
+// and the token goes to keys[tok] = key for fff_bucket_scatter, or, when slot_cap > 0, straight into its bucket's
+// slots: slots[key][rank] = tok, its rank being the count before its increment (the order inside a bucket depends on
+// timing). That store is left in `pend` for the caller (store_slot), which makes it after starting its next token's
+// loads, so that the atomic's round trip overlaps them. Lane g of the group also keeps the node and logit of level g
+// (t_node, t_z), for an output formed by the same kernel (output_token).
 template <bool STAGED, bool EXACT, typename T, int VEC>
 __device__ __forceinline__ void walk_token(
     long long tok, bool store, int lane, const T (&xr)[PYFFF_ROUTE_XV][VEC], const T* __restrict__ x, int d_in,
@@ -620,9 +620,10 @@ __device__ __forceinline__ long long segment_end(long long p, long long end, lon
 // weights and biases) staged in shared memory by the whole block, so that each row crosses L2 once per
 // segment instead of once per token; deeper levels read their rows through L1/L2 as fff_route does.
 // Same arguments as fff_route (up to starts_out) plus `starts` (bucket starts of the sort that produced
-// `order`, by the node of level lo) and staged_levels, launched with (2**staged_levels - 1) * (d_in + 1) *
-// sizeof(T) bytes of dynamic shared memory (rounded up to 16). Same sums in the same order as fff_route: bitwise the same nodes and logits. A token
-// whose node is not in the staged subtree (never, with a consistent sort) reads that row from global memory.
+// `order`, by the node of level lo) and staged_levels, launched with (2**staged_levels - 1) * (d_in + 1) * sizeof(T)
+// bytes of dynamic shared memory (rounded up to 16). Same sums in the same order as fff_route: bitwise the same nodes
+// and logits. A token whose node is not in the staged subtree (never, with a consistent sort) reads that row from
+// global memory.
 template <typename T, int VEC, bool EXACT>
 __global__ void __launch_bounds__(PYFFF_STAGED_ROUTE_BLOCK, 1) fff_route_staged(
     const T* __restrict__ x, const long long n, const int d_in, const T* __restrict__ w_in,
