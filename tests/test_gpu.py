@@ -568,6 +568,34 @@ def test_sort_handoff_by_slots_or_scatter(schedule, monkeypatch):
 
 
 @requires_gpu
+@pytest.mark.parametrize("schedule", ["staged", "staged_all", "staged_leafsort", "split_mid"])
+def test_dependent_launches_give_the_same_results(schedule, monkeypatch):
+    """On sm_90 and later the kernels after the first of a pass are programmatic dependents (cuLaunchKernelEx);
+    each waits for the one before it on the device, and the staged output stages its first rows before that
+    wait. Bitwise the same results with plain launches, over repeated back-to-back passes."""
+    import cupy as cp
+
+    from pyfff.gpu import _fff
+
+    cpu = pyfff.FFF.random(768, 768, 11, seed=4)
+    x = cp.asarray(make_x(12288, 768, seed=4))
+    runs = {}
+    for pdl in (True, False):
+        monkeypatch.setattr(_fff, "_PDL", pdl)
+        gpu = pyfff.gpu.FFF.from_cpu(cpu)
+        outs = [gpu._run(x, want_output=True, **schedule_args(gpu, schedule)) for _ in range(3)]
+        runs[pdl] = [(cp.asnumpy(y), cp.asnumpy(nodes)) for y, (nodes, _) in outs[-1:]]
+        launches = next(reversed(gpu._plans.values())).launches
+        dependent = [launch.config is not None for launch in launches]
+        major = cp.cuda.runtime.deviceGetAttribute(_fff._ATTR_CC_MAJOR, gpu.device_id)
+        assert dependent == [False] + [pdl and major >= 9] * (len(launches) - 1), dependent
+    (y1, r1), (y2, r2) = runs[True][0], runs[False][0]
+    np.testing.assert_array_equal(r1, r2)
+    np.testing.assert_array_equal(y1, y2)
+    check_layer(cpu, cp.asnumpy(x), y1, r1.astype(np.int64))
+
+
+@requires_gpu
 def test_nan_and_inf_input():
     cpu, gpu = make_layer(12, 6, depth=5, n_trees=2)
     x = make_x(40, 12)
