@@ -81,8 +81,8 @@ _KEEP_X_IN_L2 = True
 # A route stage hands its tokens to the next one (when that runs fff_route) in per-bucket slots, 2**key_level * n
 # ints, instead of through fff_bucket_scatter, when those take at most this many bytes.
 _SLOT_BYTES = 64 << 20
-# A staged route stage may walk this many levels below its staged subtree, reading their rows through L1/L2
-# (one level more in the first stage: finer buckets for the stage after it).
+# A route stage deeper than shared memory holds still stages its upper levels if this many at most are left below
+# them (their rows read through L1/L2); deeper ones run fff_route.
 _UNSTAGED_LEVELS = 2
 _ROUTE_TOKENS_PER_WARP = 2  # 32 / PYFFF_ROUTE_LANES
 
