@@ -2,7 +2,7 @@
 
 Run (repository root, GPU machine): PYTHONPATH=$PWD python bench/dev/gpu_stage_times.py [batch ...]
 Environment: PYFFF_DEV_KEEP_X=0 streams x in every route stage; PYFFF_DEV_ROUTE=lanes,block (below);
-PYFFF_DEV_NVRTC: extra NVRTC options (A/B of compile-time switches, e.g. -DPYFFF_PREFETCH_X=0).
+PYFFF_DEV_NVRTC: extra NVRTC options (A/B of compile-time switches, e.g. -DPYFFF_ROUTE_MAX_BLOCK=256).
 
 For each schedule, builds the launch plan with one call, then enqueues its launches one at a time with a
 CUDA event between consecutive launches, `REPEATS` times, and prints the best time of each launch (kernel
@@ -93,7 +93,7 @@ if __name__ == "__main__":
 
     if os.environ.get("PYFFF_DEV_KEEP_X") == "0":  # every route stage streams x (evict-first)
         _fff._KEEP_X_IN_L2 = False
-    if os.environ.get("PYFFF_DEV_NVRTC"):  # extra NVRTC options, e.g. -DPYFFF_PREFETCH_X=0
+    if os.environ.get("PYFFF_DEV_NVRTC"):  # extra NVRTC options (-DNAME=VALUE ...)
         from pyfff.gpu import _loader
 
         _loader._OPTIONS = _loader._OPTIONS + tuple(os.environ["PYFFF_DEV_NVRTC"].split())

@@ -364,9 +364,10 @@ class _Plan:
                     args += [_ptr(self.work[handoff[1], 0]), i32(n), _ptr(order), _ptr(starts)]
                 else:
                     args += [_ptr(dummy), i32(0), _ptr(dummy), _ptr(dummy)]
-                if staged_stage(lo, hi) and handoff is None:
-                    stage_bytes = _subtree_bytes(staged_stage(lo, hi), layer.d_in, itemsize)
-                    args += [_ptr(dummy if starts is None else starts), i32(staged_stage(lo, hi))]
+                staged_levels = staged_stage(lo, hi)
+                if staged_levels and handoff is None:
+                    stage_bytes = _subtree_bytes(staged_levels, layer.d_in, itemsize)
+                    args += [_ptr(dummy if starts is None else starts), i32(staged_levels)]
                     grid = _grid(staged_route, _STAGED_ROUTE_BLOCK, -(-n // _ROUTE_TOKENS_PER_WARP), dev, stage_bytes)
                     self.launches.append(_Launch(staged_route, grid, _STAGED_ROUTE_BLOCK, args, smem=stage_bytes))
                 else:
@@ -415,9 +416,8 @@ class _Plan:
         levels = layer.depth + 1
         if smem and layer.n_trees == 1 and levels <= 32 and (order is not None or key_level == 0):
             rows = key_level + 2 ** (levels - key_level) - 1
-            # with the sort's histogram, the kernel stages its first rows before waiting for the route to finish,
-            # from bucket starts it computes into shared memory after the rows
-            counts = counts if order is not None else None
+            # with the sort's histogram (given with `order`), the kernel stages its first rows before waiting for
+            # the route to finish, from bucket starts it computes into shared memory after the rows
             starts_bytes = 0 if counts is None else -(-4 * ((1 << key_level) + 1) // 16) * 16
             slices = _output_slices(rows, nvec, vec_out * layer.dtype.itemsize, variant["out_sj"], dev, starts_bytes)
             if slices is not None:

@@ -256,8 +256,6 @@ __device__ __forceinline__ void bucket_starts(const int* __restrict__ counts, in
 }
 
 // The bucket holding position p of a sorted order: the last b with starts[b] <= p (starts from bucket_starts).
-// Token at position p of tokens kept in bucket slots (slots[b * cap + r]: rank r of bucket b): -1 if out of
-// range (never, for consistent counts and slots).
 __device__ __forceinline__ int bucket_of(const int* starts, int nb, long long p) {
     int b = 0, e = nb;  // starts[b] <= p < starts[e]
     while (e - b > 1) {
@@ -268,6 +266,8 @@ __device__ __forceinline__ int bucket_of(const int* starts, int nb, long long p)
     return b;
 }
 
+// Token at position p of tokens kept in bucket slots (slots[b * cap + r]: rank r of bucket b): -1 if out of
+// range (never, for consistent counts and slots).
 __device__ __forceinline__ long long slot_token(const int* __restrict__ slots, const int* starts, int nb, int cap,
                                                 long long p, long long n) {
     const int b = bucket_of(starts, nb, p);
