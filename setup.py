@@ -30,6 +30,7 @@ EXTENSIONS = [
     # (module, sources)
     ("pyfff._openmp_helpers", ["pyfff/_openmp_helpers.pyx"]),
     ("pyfff._fff_cpu", ["pyfff/_fff_cpu.pyx"]),
+    ("pyfff._qgemm", ["pyfff/_qgemm.pyx"]),
 ]
 
 OPENMP_PROBE = textwrap.dedent(
