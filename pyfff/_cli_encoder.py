@@ -46,7 +46,7 @@ def _guard(command):
 def _export(args):
     from .encoder import export
 
-    dst = export(args.src, args.dst, overwrite=args.overwrite)
+    dst = export(args.src, args.dst, overwrite=args.overwrite, quantize=args.quantize)
     size = os.path.getsize(os.path.join(dst, "model.safetensors"))
     print(f"wrote {dst} ({size / 1e6:.1f} MB of kernel-ready weights)")
     return 0
@@ -118,6 +118,7 @@ def _info(args):
         "sentence_pooling": "+".join(cfg.sentence_pooling) + (" + L2 norm" if cfg.sentence_normalize else ""),
         "pad_token": cfg.pad_token,
         "mask_token": cfg.mask_token,
+        "quantize": cfg.quantize or "none (float32)",
         "parameters": model.n_parameters(),
         "weights_MB": round(n_bytes / 1e6, 2),
         "n_threads": model.n_threads,
@@ -145,6 +146,8 @@ def add_parser(subparsers):
     p.add_argument("src", help="checkpoint folder (HF format or an earlier pyfff export)")
     p.add_argument("dst", help="output folder (created; must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty DST")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="store the dense projections as int8 (about 4x smaller; the export loads as int8)")
     p.set_defaults(func=_guard(_export))
 
     p = subparsers.add_parser(

@@ -21,8 +21,8 @@ import numpy as np
 
 from . import _qgemm
 
-__all__ = ["QuantizedLinear", "quantize_weight", "pack_weight", "quantize_activations", "qlinear_reference",
-           "int8_paths"]
+__all__ = ["QuantizedLinear", "quantize_weight", "pack_weight", "packed_shape", "quantize_and_pack",
+           "quantize_activations", "qlinear_reference", "int8_paths"]
 
 QUANTIZE_MODES = (None, "int8")
 
@@ -64,6 +64,12 @@ def quantize_weight(w):
     return q, scale
 
 
+def packed_shape(k, n):
+    """Shape of the packed form of a (k, n) weight: (Np / 64, Kp / 4, 64, 4)."""
+    kp, np_ = -(-k // _qgemm.K_BLOCK) * _qgemm.K_BLOCK, -(-n // _qgemm.PANEL) * _qgemm.PANEL
+    return (np_ // _qgemm.PANEL, kp // 4, _qgemm.PANEL, 4)
+
+
 def pack_weight(q):
     """The kernels' packed layout of a (K, N) int8 weight (see ``src/qgemm.h``).
 
@@ -78,12 +84,21 @@ def pack_weight(q):
         ``sum_k q[k, n]`` (0 in the padding).
     """
     K, N = q.shape
-    Kp, Np = -(-K // _qgemm.K_BLOCK) * _qgemm.K_BLOCK, -(-N // _qgemm.PANEL) * _qgemm.PANEL
-    full = np.zeros((Kp, Np), dtype=np.int8)                                        # (Kp, Np)
+    n_panels, n_groups, panel, _ = packed_shape(K, N)
+    full = np.zeros((n_groups * 4, n_panels * panel), dtype=np.int8)               # (Kp, Np)
     full[:K, :N] = q
-    packed = full.reshape(Kp // 4, 4, Np // 64, 64).transpose(2, 0, 3, 1)           # (Np/64, Kp/4, 64, 4)
+    packed = full.reshape(n_groups, 4, n_panels, panel).transpose(2, 0, 3, 1)      # (Np/64, Kp/4, 64, 4)
     colsum = full.sum(axis=0, dtype=np.int32)                                       # (Np,)
     return np.ascontiguousarray(packed), colsum
+
+
+def quantize_and_pack(w):
+    """:func:`quantize_weight` then :func:`pack_weight`: (packed, scale padded with zeros to Np, colsum)."""
+    q, scale = quantize_weight(w)
+    packed, colsum = pack_weight(q)
+    padded = np.zeros(colsum.shape, dtype=np.float32)                               # (Np,)
+    padded[:scale.size] = scale
+    return packed, padded, colsum
 
 
 def quantize_activations(x):
@@ -168,11 +183,9 @@ class QuantizedLinear:
     @classmethod
     def from_float(cls, weight, bias=None, *, path=None):
         """Quantize a float (K, N) weight (and keep a float32 bias)."""
-        q, scale = quantize_weight(weight)
-        packed, colsum = pack_weight(q)
-        padded = np.zeros(colsum.shape, dtype=np.float32)
-        padded[:scale.size] = scale
-        return cls(packed, padded, colsum, bias, q.shape[0], q.shape[1], path=path)
+        packed, scale, colsum = quantize_and_pack(weight)
+        K, N = np.shape(weight)
+        return cls(packed, scale, colsum, bias, K, N, path=path)
 
     @property
     def path(self):

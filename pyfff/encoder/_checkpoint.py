@@ -55,10 +55,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..quantize import packed_shape
 from ._safetensors import CheckpointError, read_safetensors, release_pages
 
-__all__ = ["EncoderConfig", "FORMAT", "FORMAT_VERSION", "read_folder", "kernel_param_shapes",
-           "sinusoidal_table"]
+__all__ = ["EncoderConfig", "FORMAT", "FORMAT_VERSION", "read_folder", "kernel_param_shapes", "quantized_weights",
+           "param_dtype", "sinusoidal_table"]
 
 FORMAT = "pyfff-encoder"
 FORMAT_VERSION = 1
@@ -106,6 +107,7 @@ class EncoderConfig:
     max_length: int | None = None     # tokenizer truncation length
     sentence_pooling: list = field(default_factory=lambda: ["mean"])
     sentence_normalize: bool = False
+    quantize: str | None = None       # None (float32) or "int8": dense projections stored packed int8
 
     @property
     def head_size(self):
@@ -131,7 +133,8 @@ class EncoderConfig:
     def _validate(self, path):
         """Values a pyfff export may hold (an edited or foreign config.json is rejected, naming the key)."""
         allowed = {"architecture": ("crammedBERT", "bert"), "head": ("mlm", "classifier", None),
-                   "ffn_type": ("fff", "dense"), "activation": ("gelu",), "pooler": ("zero_index", "avg", None)}
+                   "ffn_type": ("fff", "dense"), "activation": ("gelu",), "pooler": ("zero_index", "avg", None),
+                   "quantize": (None, "int8")}
         for key, values in allowed.items():
             if getattr(self, key) not in values:
                 raise NotImplementedError(f"{path}: encoder.{key}={getattr(self, key)!r} is not implemented by pyfff "
@@ -181,6 +184,11 @@ def kernel_param_shapes(cfg):
                 s[p + "ffn.dense_out.bias"] = (H,)
     if cfg.final_norm:
         s["final_norm.weight"] = s["final_norm.bias"] = (H,)
+    if cfg.quantize == "int8":
+        for name in quantized_weights(cfg):
+            packed = packed_shape(*s.pop(name))
+            s[name + ".q8"] = packed
+            s[name + ".q8_scale"] = s[name + ".q8_colsum"] = (packed[0] * packed[2],)
     if cfg.head == "mlm":
         if cfg.mlm_transform:
             s["mlm.transform.weight"] = (H, H)
@@ -195,6 +203,29 @@ def kernel_param_shapes(cfg):
     return s
 
 
+def quantized_weights(cfg):
+    """Names of the (K, N) float weights an int8 model stores quantized: the dense projections of every layer.
+
+    Embeddings, LayerNorms, biases, the FFF layers, the vocabulary projection and the heads stay float32.
+    """
+    names = []
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        names += [p + "attn.qkv.weight", p + "attn.out.weight"]
+        if cfg.ffn_type == "dense":
+            names += [p + "ffn.dense_in.weight", p + "ffn.dense_out.weight"]
+    return names
+
+
+def param_dtype(name):
+    """The dtype a kernel-ready parameter is stored in (float32 but for the parts of int8 weights)."""
+    if name.endswith(".q8"):
+        return np.dtype(np.int8)
+    if name.endswith(".q8_colsum"):
+        return np.dtype(np.int32)
+    return np.dtype(np.float32)
+
+
 def _check_tensors(path, tensors, expected):
     """Every expected tensor present with its shape; nothing unexplained left over."""
     for name, shape in expected.items():
@@ -203,8 +234,10 @@ def _check_tensors(path, tensors, expected):
         got = tuple(tensors[name].shape)
         if got != tuple(shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {got}, expected {tuple(shape)}")
-        if tensors[name].dtype != np.float32:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensors[name].dtype}, expected a float")
+        want = param_dtype(name)
+        if tensors[name].dtype != want:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensors[name].dtype}, expected "
+                                  f"{'a float' if want == np.float32 else want}")
     extra = sorted(k for k in tensors if k not in expected)
     if extra:
         shown = ", ".join(repr(k) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")

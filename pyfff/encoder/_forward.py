@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["encode", "layer_norm_", "gelu_", "softmax_", "mlm_head", "classifier_head", "sentence_pool"]
+__all__ = ["encode", "Linear", "linears", "layer_norm_", "gelu_", "softmax_", "mlm_head", "classifier_head", "sentence_pool"]
 
 # Elementwise chains (GELU) run over row blocks of about this many float32
 # values: 64 Ki floats = 256 KiB, which stays in the L2 cache between the
@@ -140,6 +140,45 @@ def _linear(x, weight, bias=None, out=None):
     return y
 
 
+class Linear:
+    """A float32 dense layer ``x @ weight + bias`` on NumPy's BLAS.
+
+    Same call as :class:`pyfff.quantize.QuantizedLinear`, its int8 counterpart, so the forward pass runs either:
+    ``layer(x, out=None, *, gelu=False, accumulate=False)``; x : (n, in) -> (n, out).
+    """
+
+    def __init__(self, weight, bias=None):
+        self.weight, self.bias = weight, bias                 # (in, out), (out,) or None
+
+    def __call__(self, x, out=None, *, gelu=False, accumulate=False):
+        if accumulate:                                        # residual: out += x W + b
+            out += _linear(x, self.weight, self.bias)
+            return out
+        y = np.matmul(x, self.weight, out=out)                # (n, out)
+        if gelu:
+            return gelu_(y, self.bias)                        # bias added inside, in cache
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+def linears(p, cfg, quantized=None):
+    """The dense projections of every layer, by name (``layers.{i}.attn.qkv`` ...): float or int8.
+
+    p : kernel-ready parameters; quantized : dict of weight name -> QuantizedLinear for int8 models.
+    """
+    names = ["attn.qkv", "attn.out"] + (["ffn.dense_in", "ffn.dense_out"] if cfg.ffn_type == "dense" else [])
+    out = {}
+    for i in range(cfg.n_layers):
+        for name in names:
+            key = f"layers.{i}.{name}"
+            if quantized is not None and key + ".weight" in quantized:
+                out[key] = quantized[key + ".weight"]
+            else:
+                out[key] = Linear(p[key + ".weight"], p.get(key + ".bias"))
+    return out
+
+
 # --------------------------------------------------------------------------- threads
 # One pool of n_threads workers runs every parallel step of the forward pass: row blocks of
 # tokens for the per-token work (LayerNorm, projections, FFF, GELU) and (batch, head) groups for
@@ -216,16 +255,15 @@ def _attention_core(qkv5, ctx, mask_add, bs, hs):
     np.matmul(scores, v, out=ctx[bs, :, hs].transpose(0, 2, 1, 3))
 
 
-def _feed_forward(h, p, prefix, ffn):
+def _feed_forward(h, lin, prefix, ffn):
     """FFF (``ffn``, a ``pyfff.FFF``, one thread: we are inside a worker) or dense GELU feed-forward.
 
     h : (n, H) -> (n, H)
     """
     if ffn is not None:
         return ffn(h, n_threads=1)                            # (n, H) conditional execution
-    a = _linear(h, p[prefix + "ffn.dense_in.weight"])        # (n, I)
-    gelu_(a, p.get(prefix + "ffn.dense_in.bias"))             # (n, I) bias added inside, in cache
-    return _linear(a, p[prefix + "ffn.dense_out.weight"], p.get(prefix + "ffn.dense_out.bias"))  # (n, H)
+    a = lin[prefix + "ffn.dense_in"](h, gelu=True)            # (n, I) GELU(h W1 + b1)
+    return lin[prefix + "ffn.dense_out"](a)                   # (n, H)
 
 
 def embed(p, cfg, ids, token_type_ids):
@@ -245,7 +283,7 @@ def embed(p, cfg, ids, token_type_ids):
     return x
 
 
-def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=1):
+def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
     """Final hidden states.
 
     Parameters
@@ -253,6 +291,7 @@ def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=1):
     p : dict of kernel-ready parameters
     cfg : EncoderConfig
     ffns : list of pyfff.FFF or None (dense layers), one per layer
+    lin : dict of name -> Linear or QuantizedLinear (see :func:`linears`)
     ids : ndarray of shape (B, S), dtype=int64, validated
     mask : ndarray of shape (B, S) of 0/1 or None
     token_type_ids : ndarray of shape (B, S) or None
@@ -282,8 +321,7 @@ def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=1):
 
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
-        w_qkv, b_qkv = p[pre + "attn.qkv.weight"], p.get(pre + "attn.qkv.bias")
-        w_o, b_o = p[pre + "attn.out.weight"], p.get(pre + "attn.out.bias")
+        qkv_proj, out_proj = lin[pre + "attn.qkv"], lin[pre + "attn.out"]
         n1w, n1b, n2w, n2b = (p[pre + "norm1.weight"], p[pre + "norm1.bias"], p[pre + "norm2.weight"],
                               p[pre + "norm2.bias"])
         ffn = ffns[i]
@@ -291,23 +329,23 @@ def encode(p, cfg, ffns, ids, mask, token_type_ids=None, n_threads=1):
         if cfg.pre_norm:                                      # crammedBERT: x + f(LN(x))
             def project(r):                                   # rows r: LN1, fused QKV
                 layer_norm_(x[r], n1w, n1b, eps, out=h[r])    # (n, H)
-                _linear(h[r], w_qkv, b_qkv, out=qkv[r])       # (n, 3H) one GEMM
+                qkv_proj(h[r], out=qkv[r])                    # (n, 3H) one GEMM
 
             def finish(r):                                    # rows r: out-proj, residual, LN2, FF, residual
                 xr = x[r]
-                xr += _linear(ctx2[r], w_o, b_o)              # (n, H)
+                out_proj(ctx2[r], out=xr, accumulate=True)    # (n, H) x += ctx Wo (+ bo)
                 layer_norm_(xr, n2w, n2b, eps, out=h[r])      # (n, H)
-                xr += _feed_forward(h[r], p, pre, ffn)        # (n, H)
+                xr += _feed_forward(h[r], lin, pre, ffn)      # (n, H)
         else:                                                 # BERT: LN(x + f(x))
             def project(r):
-                _linear(x[r], w_qkv, b_qkv, out=qkv[r])       # (n, 3H)
+                qkv_proj(x[r], out=qkv[r])                    # (n, 3H)
 
             def finish(r):
                 xr = x[r]
-                a = _linear(ctx2[r], w_o, b_o)                # (n, H)
+                a = out_proj(ctx2[r])                         # (n, H)
                 a += xr
                 layer_norm_(a, n1w, n1b, eps, out=xr)         # (n, H)
-                f = _feed_forward(xr, p, pre, ffn)            # (n, H)
+                f = _feed_forward(xr, lin, pre, ffn)          # (n, H)
                 f += xr
                 layer_norm_(f, n2w, n2b, eps, out=xr)         # (n, H)
 

@@ -1,6 +1,7 @@
 """The public encoder object, ``load`` and ``export``."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -12,11 +13,12 @@ import numpy as np
 from .._config import __version__
 from .._openmp_helpers import _openmp_effective_n_threads
 from ..fff import FFF
+from ..quantize import QuantizedLinear, check_quantize, quantize_and_pack
 from . import _forward
-from ._checkpoint import FORMAT, FORMAT_VERSION, read_folder
+from ._checkpoint import FORMAT, FORMAT_VERSION, kernel_param_shapes, quantized_weights, read_folder
 from ._safetensors import CheckpointError, write_safetensors
 
-__all__ = ["Encoder", "load", "export"]
+__all__ = ["Encoder", "load", "export", "quantize_params"]
 
 # sentence-transformers / tokenizer side files copied into an export when present
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -48,7 +50,12 @@ class Encoder:
         Worker threads of the forward pass; each runs single-threaded BLAS
         and FFF calls on its own block of tokens (or of attention heads).
     params : dict of str to ndarray
-        Kernel-ready weights (memory-mapped views where possible).
+        Kernel-ready weights (memory-mapped views where possible); for an
+        int8 model the dense projections are stored as ``<name>.q8`` (packed
+        int8), ``<name>.q8_scale`` and ``<name>.q8_colsum``.
+    quantize : None or "int8"
+        How the dense projections run: float32 on NumPy's BLAS, or int8 on
+        pyfff's kernels (``pyfff.quantize``).
     """
 
     def __init__(self, config, params, *, tokenizer=None, n_threads=None, path=None):
@@ -64,6 +71,7 @@ class Encoder:
                     n_trees=config.ffn_n_trees, activation=config.activation)
                 for i in range(config.n_layers)
             ]
+        self._lin = _forward.linears(params, config, _quantized_linears(config, params))
         self._pad_id = self._mask_id = None
         if tokenizer is not None:
             cfg = config
@@ -78,11 +86,17 @@ class Encoder:
             if self._pad_id is not None:
                 tokenizer.enable_padding(direction="right", pad_id=self._pad_id, pad_token=cfg.pad_token)
 
+    @property
+    def quantize(self):
+        """None (float32 model) or "int8" (dense projections on int8 kernels)."""
+        return self.config.quantize
+
     def __repr__(self):
         c = self.config
         ffn = (f"fff(depth={c.ffn_depth}, n_trees={c.ffn_n_trees})" if c.ffn_type == "fff" else f"dense({c.d_ff})")
         return (f"Encoder({c.architecture}, head={c.head}, n_layers={c.n_layers}, d_model={c.d_model}, "
-                f"n_heads={c.n_heads}, ffn={ffn}, vocab={c.vocab_size}, n_threads={self.n_threads})")
+                f"n_heads={c.n_heads}, ffn={ffn}, vocab={c.vocab_size}, quantize={c.quantize!r}, "
+                f"n_threads={self.n_threads})")
 
     # ------------------------------------------------------------------ threads
     def _blas_limit(self):
@@ -211,7 +225,7 @@ class Encoder:
         """
         ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
         with self._blas_limit():
-            return _forward.encode(self.params, self.config, self._ffns, ids, mask, types, self.n_threads)
+            return _forward.encode(self.params, self.config, self._ffns, self._lin, ids, mask, types, self.n_threads)
 
     def mlm_logits(self, input_ids, attention_mask=None, token_type_ids=None):
         """Masked-language-model logits (tied decoder).
@@ -223,7 +237,7 @@ class Encoder:
         self._need_head("mlm")
         ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
         with self._blas_limit():
-            h = _forward.encode(self.params, self.config, self._ffns, ids, mask, types, self.n_threads)
+            h = _forward.encode(self.params, self.config, self._ffns, self._lin, ids, mask, types, self.n_threads)
             B, S, H = h.shape
             return _forward.mlm_head(self.params, self.config, h.reshape(B * S, H), self.n_threads).reshape(B, S, -1)
 
@@ -237,7 +251,7 @@ class Encoder:
         self._need_head("classifier")
         ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
         with self._blas_limit():
-            h = _forward.encode(self.params, self.config, self._ffns, ids, mask, types, self.n_threads)
+            h = _forward.encode(self.params, self.config, self._ffns, self._lin, ids, mask, types, self.n_threads)
             return _forward.classifier_head(self.params, self.config, h)
 
     def _need_head(self, head):
@@ -299,7 +313,7 @@ class Encoder:
             raise ValueError(f"no {self.config.mask_token} token in the text (after truncation to "
                              f"{self.config.max_length} tokens)")
         with self._blas_limit():
-            h = _forward.encode(self.params, self.config, self._ffns, ids, mask, None, self.n_threads)
+            h = _forward.encode(self.params, self.config, self._ffns, self._lin, ids, mask, None, self.n_threads)
             logits = _forward.mlm_head(self.params, self.config, h[0, positions], self.n_threads)  # (M, V)
         logits = logits.astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
@@ -318,7 +332,33 @@ class Encoder:
         return int(sum(a.size for a in self.params.values()))
 
 
-def load(path, *, n_threads=None):
+def _quantized_linears(cfg, params):
+    """name -> QuantizedLinear for the int8 weights of an int8 model (None for a float model)."""
+    if cfg.quantize is None:
+        return None
+    shapes = kernel_param_shapes(dataclasses.replace(cfg, quantize=None))
+    out = {}
+    for name in quantized_weights(cfg):
+        K, N = shapes[name]
+        bias = params.get(name[:-len("weight")] + "bias")
+        out[name] = QuantizedLinear(params[name + ".q8"], params[name + ".q8_scale"], params[name + ".q8_colsum"],
+                                    bias, K, N)
+    return out
+
+
+def quantize_params(cfg, params, quantize):
+    """(cfg, params) of the model quantized as asked: "int8" replaces each float weight of
+    ``quantized_weights(cfg)`` by its packed int8 form; an int8 model stays int8; None changes nothing."""
+    if quantize is None or cfg.quantize == quantize:
+        return cfg, params
+    params = dict(params)
+    for name in quantized_weights(cfg):
+        packed, scale, colsum = quantize_and_pack(params.pop(name))
+        params.update({name + ".q8": packed, name + ".q8_scale": scale, name + ".q8_colsum": colsum})
+    return dataclasses.replace(cfg, quantize=quantize), params
+
+
+def load(path, *, n_threads=None, quantize=None):
     """Load a checkpoint folder or a pyfff export.
 
     Parameters
@@ -333,6 +373,13 @@ def load(path, *, n_threads=None):
         limited to one thread per worker during each call). None: all usable
         cores (honours OMP_NUM_THREADS and threadpoolctl limits); k > 0: k
         threads; -1: all CPUs.
+    quantize : None or "int8", default=None
+        "int8": quantize the dense projections (fused QKV, attention output,
+        dense feed-forward) to int8 while loading (symmetric per output
+        channel; activations are quantized per token at run time). A folder
+        written by ``export(..., quantize="int8")`` is int8 whatever this says.
+        FFF layers, embeddings, LayerNorm, attention scores and the heads stay
+        float32.
 
     Returns
     -------
@@ -346,8 +393,12 @@ def load(path, *, n_threads=None):
         Corrupt or truncated files, missing or misshapen tensors.
     NotImplementedError
         A config value pyfff does not implement (the message names the key).
+    ValueError
+        An unknown ``quantize`` value.
     """
+    check_quantize(quantize)
     cfg, params, _ = read_folder(path)
+    cfg, params = quantize_params(cfg, params, quantize)
     tokenizer = None
     tok_path = os.path.join(os.fspath(path), "tokenizer.json")
     if os.path.isfile(tok_path):
@@ -360,7 +411,7 @@ def load(path, *, n_threads=None):
     return Encoder(cfg, params, tokenizer=tokenizer, n_threads=n_threads, path=os.fspath(path))
 
 
-def export(src, dst, *, overwrite=False):
+def export(src, dst, *, overwrite=False, quantize=None):
     """Write a kernel-ready copy of a checkpoint: ``model.safetensors`` + ``config.json`` (+ tokenizer files).
 
     The weights are stored in the layouts the encoder uses (fused QKV in
@@ -376,13 +427,19 @@ def export(src, dst, *, overwrite=False):
         Output folder; created. It must not exist or be empty unless
         ``overwrite`` is true.
     overwrite : bool, default=False
+    quantize : None or "int8", default=None
+        "int8": store the dense projections quantized and packed (about 4x
+        smaller than float32; the model loads as int8). An int8 source stays
+        int8.
 
     Returns
     -------
     dst : str
     """
+    check_quantize(quantize)
     src, dst = os.fspath(src), os.fspath(dst)
     cfg, params, raw = read_folder(src)
+    cfg, params = quantize_params(cfg, params, quantize)
     if os.path.exists(dst):
         if os.path.realpath(dst) == os.path.realpath(src):
             raise ValueError("export destination is the source folder")

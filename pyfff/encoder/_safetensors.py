@@ -38,7 +38,8 @@ _DTYPES = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_CODES = {np.dtype("<f4"): "F32", np.dtype("<f8"): "F64", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64"}
+_CODES = {np.dtype("<f4"): "F32", np.dtype("<f8"): "F64", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64",
+          np.dtype("<i4"): "I32", np.dtype("i1"): "I8"}
 # a header larger than this is certainly corrupt (the safetensors library uses 100 MB)
 _MAX_HEADER = 100_000_000
 
