@@ -72,10 +72,16 @@ def default_path():
 
 
 cdef inline bint _is_f32_rows(cnp.ndarray a, Py_ssize_t width):
-    """A 2-D float32 array (n, width) whose rows are contiguous (any row stride), aligned, native order."""
-    return (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_NDIM(a) == 2 and cnp.PyArray_DIM(a, 1) == width
-            and (cnp.PyArray_STRIDE(a, 1) == 4 or width <= 1) and cnp.PyArray_STRIDE(a, 0) % 4 == 0
-            and cnp.PyArray_STRIDE(a, 0) >= 4 * width and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a))
+    """A 2-D float32 array (n, width) whose rows are contiguous (any row stride), aligned, native order.
+
+    Strides of an axis of length <= 1 are never used (NumPy may report 0 there)."""
+    if (cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(a) != 2 or cnp.PyArray_DIM(a, 1) != width
+            or not cnp.PyArray_ISNOTSWAPPED(a) or not cnp.PyArray_ISALIGNED(a)):
+        return False
+    cdef Py_ssize_t rows = cnp.PyArray_DIM(a, 0)
+    if rows >= 1 and width > 1 and cnp.PyArray_STRIDE(a, 1) != 4:
+        return False
+    return rows <= 1 or (cnp.PyArray_STRIDE(a, 0) % 4 == 0 and cnp.PyArray_STRIDE(a, 0) >= 4 * width)
 
 
 def quantize_rows(cnp.ndarray x):
@@ -164,7 +170,8 @@ cdef class QLinear:
         cdef void *scratch = malloc(qg_scratch_bytes(self.kp))
         if scratch == NULL:
             raise MemoryError("could not allocate the int8 kernel's scratch memory")
-        cdef Py_ssize_t ldx = cnp.PyArray_STRIDE(x, 0) // 4, ldy = cnp.PyArray_STRIDE(out, 0) // 4
+        cdef Py_ssize_t ldx = cnp.PyArray_STRIDE(x, 0) // 4 if m > 1 else self.k
+        cdef Py_ssize_t ldy = cnp.PyArray_STRIDE(out, 0) // 4 if m > 1 else self.n
         with nogil:
             qg_linear_f32(self.path_index, <const float *>cnp.PyArray_DATA(x), ldx, m, self.k, self.w_ptr,
                           self.s_ptr, self.c_ptr, self.b_ptr, self.n, flags, <float *>cnp.PyArray_DATA(out), ldy,

@@ -148,8 +148,15 @@ def qlinear_reference(x, q, scale, bias=None, *, gelu=False):
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64)
     if gelu:
-        y = 0.5 * y * (1.0 + np.vectorize(erf)(y / sqrt(2.0)))
+        y = 0.5 * y * (1.0 + np.vectorize(erf, otypes=[np.float64])(y / sqrt(2.0)))
     return y
+
+
+def _rows_contiguous(a):
+    """Rows of a 2-D float32 array the kernels can read in place (strides of length-1 axes do not matter)."""
+    rows, width = a.shape
+    return ((width <= 1 or rows == 0 or a.strides[1] == 4)
+            and (rows <= 1 or (a.strides[0] % 4 == 0 and a.strides[0] >= 4 * width)))
 
 
 class QuantizedLinear:
@@ -229,7 +236,7 @@ class QuantizedLinear:
         x2 = x[None] if one else x
         if x2.ndim != 2 or x2.shape[1] != self.k:
             raise ValueError(f"x must have shape (M, {self.k}), got {x.shape}")
-        if x2.dtype != np.float32 or x2.strides[1] != 4 or x2.strides[0] % 4 or x2.strides[0] < 4 * self.k:
+        if x2.dtype != np.float32 or not _rows_contiguous(x2):
             x2 = np.ascontiguousarray(x2, dtype=np.float32)
         if out is None:
             if accumulate:
@@ -241,7 +248,7 @@ class QuantizedLinear:
             out2 = out[None] if (one and out.ndim == 1) else out
             if out2.shape != (x2.shape[0], self.n):
                 raise ValueError(f"out must have shape ({x2.shape[0]}, {self.n}), got {out.shape}")
-            if out2.strides[1] != 4 or out2.strides[0] % 4 or not out2.flags.writeable:
+            if not _rows_contiguous(out2) or not out2.flags.writeable:
                 raise ValueError("out must be writeable with contiguous rows")
             if np.may_share_memory(out2, x2):
                 raise ValueError("out must not overlap x")
