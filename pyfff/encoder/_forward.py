@@ -19,6 +19,8 @@ import threading
 
 import numpy as np
 
+from .. import _encoder_ops
+
 __all__ = ["encode", "Linear", "linears", "layer_norm_", "gelu_", "softmax_", "mlm_head", "classifier_head", "sentence_pool"]
 
 # Elementwise chains (GELU) run over row blocks of about this many float32
@@ -238,8 +240,11 @@ def _attention_groups(B, n_heads, n_workers):
     return [(slice(b, b + 1), hs) for b in range(B) for hs in _split(n_heads, per_seq)]
 
 
-def _attention_core(qkv5, ctx, mask_add, bs, hs):
-    """Scores, mask, softmax and context for one (batch slice, head slice) group.
+def attention_reference(qkv5, ctx, mask_add, bs, hs):
+    """Scores, mask, softmax and context for one (batch slice, head slice) group, in NumPy.
+
+    The readable reference of the compiled kernel (``pyfff._encoder_ops.attention``, src/encoder_ops.h)
+    that :func:`encode` runs; mask_add is (B, 1, 1, S) here.
 
     qkv5 : (B, S, 3, NH, HD) view of the fused projection (Q pre-scaled)
     ctx : (B, S, NH, HD) output, written in place
@@ -279,7 +284,7 @@ def embed(p, cfg, ids, token_type_ids):
     x += p["embeddings.position_embeddings"][:S]              # (B, S, H) positions 0..S-1
     x = x.reshape(B * S, cfg.d_model)                         # (N, H)
     if cfg.embedding_norm:
-        layer_norm_(x, p["embeddings.norm.weight"], p["embeddings.norm.bias"], cfg.norm_eps, out=x)
+        _encoder_ops.layer_norm(x, p["embeddings.norm.weight"], p["embeddings.norm.bias"], cfg.norm_eps, x)
     return x
 
 
@@ -309,15 +314,15 @@ def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
     if mask is not None and not mask.all():
         # additive key mask (crammedBERT: -10000, finite; BERT: float32 min); skipped when nothing is
         # padded, which is exact: adding 0 changes no score
-        mask_add = ((1 - mask).astype(np.float32) * np.float32(cfg.mask_value))[:, None, None, :]  # (B, 1, 1, S)
+        mask_add = (1 - mask).astype(np.float32) * np.float32(cfg.mask_value)  # (B, S)
     x = embed(p, cfg, ids, token_type_ids)                    # (N, H) residual stream, owned here
     h = np.empty_like(x)                                      # (N, H) normed activations
     qkv = np.empty((N, 3 * H), dtype=np.float32)              # (N, 3H) fused projection, reused per layer
-    qkv5 = qkv.reshape(B, S, 3, NH, HD)                       # (B, S, 3, NH, HD) view
-    ctx = np.empty((B, S, NH, HD), dtype=np.float32)          # (B, S, NH, HD) attention output
-    ctx2 = ctx.reshape(N, H)                                  # (N, H) view, heads concatenated
+    qkv3 = qkv.reshape(B, S, 3 * H)                           # (B, S, 3H) view: [Q | K | V], heads inside
+    ctx = np.empty((B, S, H), dtype=np.float32)               # (B, S, H) attention output, heads concatenated
+    ctx2 = ctx.reshape(N, H)                                  # (N, H) view
     rows = _row_blocks(N, n_threads)
-    groups = _attention_groups(B, NH, n_threads)
+    groups = [bs.indices(B)[:2] + hs.indices(NH)[:2] for bs, hs in _attention_groups(B, NH, n_threads)]
 
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
@@ -328,13 +333,13 @@ def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
 
         if cfg.pre_norm:                                      # crammedBERT: x + f(LN(x))
             def project(r):                                   # rows r: LN1, fused QKV
-                layer_norm_(x[r], n1w, n1b, eps, out=h[r])    # (n, H)
+                _encoder_ops.layer_norm(x[r], n1w, n1b, eps, h[r])  # (n, H)
                 qkv_proj(h[r], out=qkv[r])                    # (n, 3H) one GEMM
 
             def finish(r):                                    # rows r: out-proj, residual, LN2, FF, residual
                 xr = x[r]
                 out_proj(ctx2[r], out=xr, accumulate=True)    # (n, H) x += ctx Wo (+ bo)
-                layer_norm_(xr, n2w, n2b, eps, out=h[r])      # (n, H)
+                _encoder_ops.layer_norm(xr, n2w, n2b, eps, h[r])  # (n, H)
                 xr += _feed_forward(h[r], lin, pre, ffn)      # (n, H)
         else:                                                 # BERT: LN(x + f(x))
             def project(r):
@@ -344,16 +349,16 @@ def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
                 xr = x[r]
                 a = out_proj(ctx2[r])                         # (n, H)
                 a += xr
-                layer_norm_(a, n1w, n1b, eps, out=xr)         # (n, H)
+                _encoder_ops.layer_norm(a, n1w, n1b, eps, xr)  # (n, H)
                 f = _feed_forward(xr, lin, pre, ffn)          # (n, H)
                 f += xr
-                layer_norm_(f, n2w, n2b, eps, out=xr)         # (n, H)
+                _encoder_ops.layer_norm(f, n2w, n2b, eps, xr)  # (n, H)
 
         _run([lambda r=r: project(r) for r in rows], n_threads)
-        _run([lambda g=g: _attention_core(qkv5, ctx, mask_add, *g) for g in groups], n_threads)
+        _run([lambda g=g: _encoder_ops.attention(qkv3, mask_add, ctx, NH, *g) for g in groups], n_threads)
         _run([lambda r=r: finish(r) for r in rows], n_threads)
     if cfg.final_norm:
-        _run([lambda r=r: layer_norm_(x[r], p["final_norm.weight"], p["final_norm.bias"], eps, out=x[r])
+        _run([lambda r=r: _encoder_ops.layer_norm(x[r], p["final_norm.weight"], p["final_norm.bias"], eps, x[r])
               for r in rows], n_threads)
     return x.reshape(B, S, H)
 
