@@ -115,14 +115,16 @@ EO_INLINE float eo_exp(float x)
     return x < -87.0f ? 0.0f : y;
 }
 
+/* Query rows per block: their scores share each load of K, their outputs each load of V, and their 8
+ * independent accumulators cover the latency of the FMA units (4 cycles, 2 units). */
+#define EO_QROWS 8
+
 /* Scratch floats eo_attention_f32 needs for sequences of s tokens and heads of hd values. */
 static inline size_t eo_attention_scratch(ptrdiff_t s, ptrdiff_t hd)
 {
     const ptrdiff_t sp = (s + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16;
-    return (size_t)(hd * sp + sp * hdp + 4 * sp + 4 * hdp);
+    return (size_t)(hd * (sp + 16) + sp * hdp + EO_QROWS * (sp + hdp));
 }
-
-#define EO_QROWS 4 /* query rows per block: their scores share each load of K, their outputs each load of V */
 
 /* Softmax attention of one (sequence, head): ctx[i] = sum_j softmax_j(q[i] . k[j] + mask[j]) v[j].
  * q, k, v: rows of hd floats at row stride ld (the fused QKV layout; Q already carries the 1/sqrt(hd) scale);
@@ -132,16 +134,25 @@ static void eo_attention_f32(const float *q, const float *k, const float *v, ptr
                              const float *mask, float *ctx, ptrdiff_t ldc, float *scratch)
 {
     const ptrdiff_t sp = (s + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16;
-    float *kt = scratch;              /* hd x sp: K transposed, so a score row is a run of contiguous products */
-    float *vs = kt + hd * sp;         /* sp x hdp: V, rows padded with zeros */
+    const ptrdiff_t ldk = sp + 16;    /* row stride of kt: not a multiple of 512 bytes, so its rows do not all
+                                         map to the same few L1 sets while it is written column by column */
+    float *kt = scratch;              /* hd x ldk: K transposed, so a score row is a run of contiguous products */
+    float *vs = kt + hd * ldk;        /* sp x hdp: V with rows padded to 16 values (only where hd % 16 != 0) */
     float *sc = vs + sp * hdp;        /* EO_QROWS x sp scores, then probabilities */
     float *acc = sc + EO_QROWS * sp;  /* EO_QROWS x hdp outputs */
-    for (ptrdiff_t j = 0; j < sp; j++)
+    for (ptrdiff_t j0 = 0; j0 < sp; j0 += 16)  /* 16 x 16 blocks: contiguous 16-value writes */
         for (ptrdiff_t d = 0; d < hd; d++)
-            kt[d * sp + j] = j < s ? k[j * ld + d] : 0.0f;
-    for (ptrdiff_t j = 0; j < sp; j++)
-        for (ptrdiff_t d = 0; d < hdp; d++)
-            vs[j * hdp + d] = (j < s && d < hd) ? v[j * ld + d] : 0.0f;
+            for (ptrdiff_t j = j0; j < j0 + 16; j++)
+                kt[d * ldk + j] = j < s ? k[j * ld + d] : 0.0f;
+    const float *vrows = v;           /* V read in place (row stride ld) unless rows need padding */
+    ptrdiff_t ldv = ld;
+    if (hd != hdp) {
+        for (ptrdiff_t j = 0; j < s; j++)
+            for (ptrdiff_t d = 0; d < hdp; d++)
+                vs[j * hdp + d] = d < hd ? v[j * ld + d] : 0.0f;
+        vrows = vs;
+        ldv = hdp;
+    }
     for (ptrdiff_t i0 = 0; i0 < s; i0 += EO_QROWS) {
         const int nr = (int)(s - i0 < EO_QROWS ? s - i0 : EO_QROWS);
         /* scores: sc[r][j] = q[i0 + r] . k[j]; rows past the end repeat row i0 (computed, never used) */
@@ -150,25 +161,33 @@ static void eo_attention_f32(const float *q, const float *k, const float *v, ptr
             qr[r] = q + (i0 + (r < nr ? r : 0)) * ld;
 #if EO_VECTOR_EXT
         for (ptrdiff_t j0 = 0; j0 < sp; j0 += 16) {
-            eo_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            eo_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
             for (ptrdiff_t d = 0; d < hd; d++) {
-                const eo_v16 kv = eo_load(kt + d * sp + j0);
+                const eo_v16 kv = eo_load(kt + d * ldk + j0);
                 a0 += kv * qr[0][d];
                 a1 += kv * qr[1][d];
                 a2 += kv * qr[2][d];
                 a3 += kv * qr[3][d];
+                a4 += kv * qr[4][d];
+                a5 += kv * qr[5][d];
+                a6 += kv * qr[6][d];
+                a7 += kv * qr[7][d];
             }
             eo_store(sc + j0, a0);
             eo_store(sc + sp + j0, a1);
             eo_store(sc + 2 * sp + j0, a2);
             eo_store(sc + 3 * sp + j0, a3);
+            eo_store(sc + 4 * sp + j0, a4);
+            eo_store(sc + 5 * sp + j0, a5);
+            eo_store(sc + 6 * sp + j0, a6);
+            eo_store(sc + 7 * sp + j0, a7);
         }
 #else
         for (int r = 0; r < EO_QROWS; r++)
             for (ptrdiff_t j = 0; j < sp; j++) {
                 float a = 0.0f;
                 for (ptrdiff_t d = 0; d < hd; d++)
-                    a += qr[r][d] * kt[d * sp + j];
+                    a += qr[r][d] * kt[d * ldk + j];
                 sc[r * sp + j] = a;
             }
 #endif
@@ -192,25 +211,33 @@ static void eo_attention_f32(const float *q, const float *k, const float *v, ptr
             memcpy(sc + r * sp, sc, (size_t)s * sizeof(float));
 #if EO_VECTOR_EXT
         for (ptrdiff_t d0 = 0; d0 < hdp; d0 += 16) {
-            eo_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            eo_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
             for (ptrdiff_t j = 0; j < s; j++) {
-                const eo_v16 vv = eo_load(vs + j * hdp + d0);
+                const eo_v16 vv = eo_load(vrows + j * ldv + d0);
                 a0 += vv * sc[j];
                 a1 += vv * sc[sp + j];
                 a2 += vv * sc[2 * sp + j];
                 a3 += vv * sc[3 * sp + j];
+                a4 += vv * sc[4 * sp + j];
+                a5 += vv * sc[5 * sp + j];
+                a6 += vv * sc[6 * sp + j];
+                a7 += vv * sc[7 * sp + j];
             }
             eo_store(acc + d0, a0);
             eo_store(acc + hdp + d0, a1);
             eo_store(acc + 2 * hdp + d0, a2);
             eo_store(acc + 3 * hdp + d0, a3);
+            eo_store(acc + 4 * hdp + d0, a4);
+            eo_store(acc + 5 * hdp + d0, a5);
+            eo_store(acc + 6 * hdp + d0, a6);
+            eo_store(acc + 7 * hdp + d0, a7);
         }
 #else
         for (int r = 0; r < EO_QROWS; r++)
             for (ptrdiff_t d = 0; d < hdp; d++) {
                 float a = 0.0f;
                 for (ptrdiff_t j = 0; j < s; j++)
-                    a += sc[r * sp + j] * vs[j * hdp + d];
+                    a += sc[r * sp + j] * vrows[j * ldv + d];
                 acc[r * hdp + d] = a;
             }
 #endif
