@@ -26,6 +26,10 @@ def _threads(text):
     return value
 
 
+def _add_quantize(p, help="quantize the dense projections to int8 while loading (an int8 export is int8 anyway)"):
+    p.add_argument("--quantize", choices=["int8"], default=None, help=help)
+
+
 def _add_threads(p):
     p.add_argument("-t", "--threads", type=_threads, default=None, metavar="N",
                    help="threads for the FFF kernels and BLAS (default: all usable cores; -1: all CPUs)")
@@ -55,7 +59,7 @@ def _export(args):
 def _fill_mask(args):
     from .encoder import load
 
-    model = load(args.model, n_threads=args.threads)
+    model = load(args.model, n_threads=args.threads, quantize=args.quantize)
     results = model.fill_mask(args.text, top_k=args.top_k)
     if args.json:
         print(json.dumps([[{"token": t, "probability": p} for t, p in preds] for preds in results], indent=1))
@@ -84,7 +88,7 @@ def _read_lines(path):
 def _embed(args):
     from .encoder import load
 
-    model = load(args.model, n_threads=args.threads)
+    model = load(args.model, n_threads=args.threads, quantize=args.quantize)
     emb = model.embed(_read_lines(args.file), batch_size=args.batch_size)
     if args.output:
         np.save(args.output, emb)
@@ -146,8 +150,7 @@ def add_parser(subparsers):
     p.add_argument("src", help="checkpoint folder (HF format or an earlier pyfff export)")
     p.add_argument("dst", help="output folder (created; must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty DST")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="store the dense projections as int8 (about 4x smaller; the export loads as int8)")
+    _add_quantize(p, "store the dense projections as int8 (about 4x smaller; the export loads as int8)")
     p.set_defaults(func=_guard(_export))
 
     p = subparsers.add_parser(
@@ -162,6 +165,7 @@ def add_parser(subparsers):
     p.add_argument("-k", "--top-k", type=int, default=5, help="predictions per mask (default: 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_threads(p)
+    _add_quantize(p)
     p.set_defaults(func=_guard(_fill_mask))
 
     p = subparsers.add_parser(
@@ -177,6 +181,7 @@ def add_parser(subparsers):
     p.add_argument("-o", "--output", help="write a .npy file instead of printing")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     _add_threads(p)
+    _add_quantize(p)
     p.set_defaults(func=_guard(_embed))
 
     p = subparsers.add_parser(

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def _config_dict():
     from threadpoolctl import threadpool_info
 
-    from . import _fff_cpu
+    from . import _fff_cpu, _qgemm
     from ._openmp_helpers import _openmp_effective_n_threads, _openmp_parallelism_enabled
 
     import numpy as np
@@ -28,6 +28,8 @@ def _config_dict():
                            for p in openmp],
         "default_n_threads": _openmp_effective_n_threads(None),
         "simd_variant": _fff_cpu.simd_variant(),
+        "int8_path": _qgemm.default_path(),
+        "int8_paths": _qgemm.paths(),
         "blas": [f"{p.get('internal_api')} {p.get('version')} {p.get('architecture') or ''} "
                  f"threads={p.get('num_threads')}" for p in blas],
         "gpu": _gpu_info(),
