@@ -146,33 +146,35 @@ QG_INLINE float qg_erf(float x)
     return p / q;
 }
 
+/* One row of the epilogue, with the flags as constants (one vectorised loop per combination). */
+QG_INLINE void qg_epilogue_row(const int gelu, const int accumulate, int nv, const int32_t *ci, int32_t z, float s,
+                               const int32_t *colsum, const float *sw, const float *bias, float *yi)
+{
+    for (int j = 0; j < nv; j++) {
+        float v = (float)(ci[j] + z * colsum[j]) * (s * sw[j]) + bias[j];
+        if (gelu)
+            v = 0.5f * v * (1.0f + qg_erf(v * 0.70710678118654752f));
+        yi[j] = accumulate ? yi[j] + v : v;
+    }
+}
+
 /* y[i, j] (=|+=) act(sx[i] sw[j] (c[i, j] + (offset - zp[i]) colsum[j]) + bias[j]) for a tile of
- * mr rows x nv (<= 64) columns; c is mr x 64 int32 (row stride QG_NR). */
+ * mr rows x nv (<= 64) columns; c is mr x 64 int32 (row stride QG_NR); bias: nv floats (zeros for none). */
 QG_CLONES
 static void qg_epilogue(int mr, int nv, const int32_t *c, int32_t offset, const int32_t *zp, const float *sx,
                         const int32_t *colsum, const float *sw, const float *bias, int flags, float *y,
                         ptrdiff_t ldy)
 {
-    float v[QG_NR];
     for (int i = 0; i < mr; i++) {
         const int32_t *ci = c + i * QG_NR;
         const int32_t z = offset - zp[i];
-        const float s = sx[i];
         float *yi = y + i * ldy;
-        for (int j = 0; j < nv; j++)
-            v[j] = (float)(ci[j] + z * colsum[j]) * (s * sw[j]);
-        if (bias)
-            for (int j = 0; j < nv; j++)
-                v[j] += bias[j];
-        if (flags & QG_GELU)
-            for (int j = 0; j < nv; j++)
-                v[j] = 0.5f * v[j] * (1.0f + qg_erf(v[j] * 0.70710678118654752f));
-        if (flags & QG_ACCUMULATE)
-            for (int j = 0; j < nv; j++)
-                yi[j] += v[j];
-        else
-            for (int j = 0; j < nv; j++)
-                yi[j] = v[j];
+        switch (flags & (QG_GELU | QG_ACCUMULATE)) {
+        case 0: qg_epilogue_row(0, 0, nv, ci, z, sx[i], colsum, sw, bias, yi); break;
+        case QG_GELU: qg_epilogue_row(1, 0, nv, ci, z, sx[i], colsum, sw, bias, yi); break;
+        case QG_ACCUMULATE: qg_epilogue_row(0, 1, nv, ci, z, sx[i], colsum, sw, bias, yi); break;
+        default: qg_epilogue_row(1, 1, nv, ci, z, sx[i], colsum, sw, bias, yi); break;
+        }
     }
 }
 
@@ -530,6 +532,8 @@ static qg_tile_fn qg_tile_for(int path)
 
 /* ------------------------------------------------------------------ the layer */
 
+static const float qg_zeros[QG_NR] = {0}; /* the bias of a layer without one */
+
 /* Bytes of scratch qg_linear_f32 needs for kp padded input columns. */
 static inline size_t qg_scratch_bytes(ptrdiff_t kp)
 {
@@ -567,8 +571,8 @@ static void qg_linear_f32(int path, const float *x, ptrdiff_t ldx, ptrdiff_t m, 
             for (ptrdiff_t i = 0; i < mc; i += tile_rows) {
                 const int mr = (int)(mc - i < tile_rows ? mc - i : tile_rows);
                 tile(mr, q + i * kp, kp, wp, kp, c);
-                qg_epilogue(mr, nv, c, offset, zx + i, sx + i, colsum + n0, sw + n0, bias ? bias + n0 : NULL, flags,
-                            y + (m0 + i) * ldy + n0, ldy);
+                qg_epilogue(mr, nv, c, offset, zx + i, sx + i, colsum + n0, sw + n0, bias ? bias + n0 : qg_zeros,
+                            flags, y + (m0 + i) * ldy + n0, ldy);
             }
         }
     }
