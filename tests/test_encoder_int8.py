@@ -207,3 +207,20 @@ def test_cli_export_quantize_and_info(tmp_path):
     bad = subprocess.run(run + ["export", os.path.join(TINY, "mlm"), str(tmp_path / "b"), "--quantize", "int4"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "int8" in bad.stderr
+
+
+@needs_minilm
+def test_embed_does_not_depend_on_batching():
+    """embed sorts texts by length into batches: a text's embedding must not depend on its batch (bitwise for
+    int8, whose kernels compute each token alone; float32 BLAS may round differently for other batch shapes)."""
+    f, q = _pair(MINILM, n_threads=1)
+    texts = [str(s) for s in GOLDEN_MINILM["sentences"]] + ["a b c d e f g h", "x"] * 3
+    for model, exact in ((q, True), (f, False)):
+        whole = model.embed(texts, batch_size=4)
+        alone = np.concatenate([model.embed([t]) for t in texts])
+        reversed_ = model.embed(texts[::-1], batch_size=32)[::-1]
+        for other in (alone, reversed_):
+            if exact:
+                assert np.array_equal(whole, other)
+            else:
+                np.testing.assert_allclose(whole, other, atol=1e-6)

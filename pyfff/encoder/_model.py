@@ -263,6 +263,11 @@ class Encoder:
 
         Default (no ``modules.json``): mean over unmasked tokens, no normalisation.
 
+        Texts are batched by length (as sentence-transformers does): each window of
+        ``16 * batch_size`` texts is tokenized once, sorted by token count, and cut into
+        batches padded only to their own longest text, so little work goes into padding.
+        A text's embedding does not depend on the texts batched with it.
+
         Parameters
         ----------
         texts : str or list of str
@@ -271,18 +276,27 @@ class Encoder:
 
         Returns
         -------
-        embeddings : ndarray of shape (B, D), dtype=float32
+        embeddings : ndarray of shape (B, D), dtype=float32, in the order of ``texts``
         """
         texts = self._texts(texts, "texts")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cfg = self.config
-        out = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize(texts[start:start + batch_size])
-            h = self.hidden_states(ids, mask)                                   # (b, S, H)
-            out.append(_forward.sentence_pool(h, mask, cfg.sentence_pooling, cfg.sentence_normalize))
-        return np.concatenate(out, axis=0)
+        out = None
+        window = 16 * batch_size
+        for w0 in range(0, len(texts), window):
+            ids, mask = self.tokenize(texts[w0:w0 + window])                      # (w, S) padded to the longest
+            lengths = mask.sum(axis=1)                                              # (w,)
+            order = np.argsort(lengths, kind="stable")                              # (w,) shortest first
+            for b0 in range(0, order.size, batch_size):
+                rows = order[b0:b0 + batch_size]                                    # (b,)
+                width = int(lengths[rows].max())
+                h = self.hidden_states(ids[rows, :width], mask[rows, :width])      # (b, width, H)
+                emb = _forward.sentence_pool(h, mask[rows, :width], cfg.sentence_pooling, cfg.sentence_normalize)
+                if out is None:
+                    out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)    # (B, D)
+                out[w0 + rows] = emb
+        return out
 
     def fill_mask(self, text, top_k=5):
         """Most likely tokens for each mask token in ``text``.
