@@ -25,7 +25,9 @@ sentences of 5-40 words, batches of 32), sentences/s end to end, tokenization in
 * ``ort-int8-minilm`` / ``ort-minilm``: the folder's ``BertModel`` exported to ONNX as above (then quantized as
   above / float32), the folder's ``tokenizer.json`` (truncation 256, padding to the longest of each batch), one
   session run per batch, mean pooling over the unmasked tokens and L2 normalisation in NumPy (the
-  sentence-transformers pooling of this checkpoint). Both sides tokenize with the ``tokenizers`` library, whose
+  sentence-transformers pooling of this checkpoint), batches in the order given;
+* ``ort-int8-minilm-sorted``: the same, with the sentences batched by length as pyfff's ``embed`` and
+  sentence-transformers' ``encode`` do (less padding). Both sides tokenize with the ``tokenizers`` library, whose
   batch encoding may use every core whatever the thread count of the case.
 
 Outputs are checked in the same run: pyfff and ONNX Runtime BERT-base against PyTorch (max abs difference over
@@ -83,13 +85,14 @@ SENSITIVITY = 1e-3                                                    # relative
 UFB_SYSTEMS = ("pyfff-ufb", "pyfff-int8-ufb", "torch-ufb-upstream")
 BERT_SYSTEMS = ("torch-bert-base", "ort-bert-base", "ort-int8-bert-base", "pyfff-bert-base", "pyfff-int8-bert-base")
 HIDDEN_SYSTEMS = UFB_SYSTEMS + BERT_SYSTEMS                           # timed on the batch x seq cases, in this order
-EMBED_SYSTEMS = ("ort-minilm", "ort-int8-minilm", "pyfff-int8-minilm")  # timed on the MiniLM embedding case
+EMBED_SYSTEMS = ("ort-minilm", "ort-int8-minilm", "ort-int8-minilm-sorted", "pyfff-int8-minilm")  # MiniLM case
 ALL_SYSTEMS = HIDDEN_SYSTEMS + EMBED_SYSTEMS
 # what each system's output checks compare it with (built, untimed, when not asked for)
 CHECK_AGAINST = {"pyfff-ufb": ("torch-ufb-upstream",), "pyfff-int8-ufb": ("pyfff-ufb",),
                  "torch-ufb-upstream": ("pyfff-ufb",), "ort-bert-base": ("torch-bert-base",),
                  "ort-int8-bert-base": ("torch-bert-base",), "pyfff-bert-base": ("torch-bert-base",),
                  "pyfff-int8-bert-base": ("torch-bert-base",), "ort-int8-minilm": ("ort-minilm",),
+                 "ort-int8-minilm-sorted": ("ort-minilm",),
                  "pyfff-int8-minilm": ("ort-minilm",)}
 
 
@@ -298,8 +301,11 @@ def _ort_hidden(sess):
     return lambda ids, mask: sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
 
 
-def _ort_embed(sess, tokenizer_path):
-    """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2, on an ONNX Runtime session."""
+def _ort_embed(sess, tokenizer_path, by_length=False):
+    """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2, on an ONNX Runtime session.
+
+    by_length: batch the sentences sorted by length (as sentence-transformers and pyfff's embed do; the order
+    of the result is restored), so that each batch pads only to its own longest sentence."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
@@ -309,6 +315,12 @@ def _ort_embed(sess, tokenizer_path):
     tok.enable_padding(direction="right", pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
 
     def embed(sentences, batch_size=EMBED_BATCH):
+        order = np.arange(len(sentences))
+        if by_length:
+            tok.no_padding()
+            order = np.argsort([len(e.ids) for e in tok.encode_batch(sentences)], kind="stable")
+            tok.enable_padding(direction="right", pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+        sentences = [sentences[i] for i in order]
         out = []
         for start in range(0, len(sentences), batch_size):
             encs = tok.encode_batch(sentences[start:start + batch_size])
@@ -318,7 +330,9 @@ def _ort_embed(sess, tokenizer_path):
             m = mask[:, :, None].astype(np.float32)
             e = (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)                        # mean over tokens
             out.append(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))      # L2 normalise
-        return np.concatenate(out, axis=0)
+        result = np.empty((len(sentences), out[0].shape[1]), dtype=np.float32)
+        result[order] = np.concatenate(out, axis=0)
+        return result
 
     return embed
 
@@ -357,9 +371,9 @@ def build_systems(work, n_threads, names):
             systems[name] = pyfff.load(work["bert_export"], n_threads=n_threads, quantize="int8").hidden_states
         elif name == "ort-minilm":
             systems[name] = _ort_embed(_session(work["minilm_onnx"], n_threads), work["minilm"] / "tokenizer.json")
-        elif name == "ort-int8-minilm":
+        elif name in ("ort-int8-minilm", "ort-int8-minilm-sorted"):
             systems[name] = _ort_embed(_session(work["minilm_onnx_int8"], n_threads),
-                                       work["minilm"] / "tokenizer.json")
+                                       work["minilm"] / "tokenizer.json", by_length=name.endswith("sorted"))
         elif name == "pyfff-int8-minilm":
             model = pyfff.load(work["minilm"], n_threads=n_threads, quantize="int8")
             systems[name] = lambda sentences, m=model: m.embed(sentences, batch_size=EMBED_BATCH)
@@ -421,7 +435,7 @@ def check_outputs(systems, rng, sentences):
             "(unpadded; float32 sensitivity, for comparison)"] = float(c.min())
     if "ort-minilm" in systems:
         ref = run("ort-minilm", sentences)
-        for name in ("ort-int8-minilm", "pyfff-int8-minilm"):
+        for name in ("ort-int8-minilm", "ort-int8-minilm-sorted", "pyfff-int8-minilm"):
             if name in systems:
                 out[f"{name} vs ort-minilm min per-sentence cosine"] = float(_cosines(run(name, sentences),
                                                                                       ref).min())
@@ -480,7 +494,8 @@ def prepare(workdir, names, max_seq, minilm):
     if set(names) & set(EMBED_SYSTEMS):
         work["minilm"] = minilm
         work["minilm_onnx"], work["minilm_onnx_int8"] = onnx_exports(
-            minilm, _sha1(minilm / "model.safetensors"), "minilm", workdir, int8="ort-int8-minilm" in names)
+            minilm, _sha1(minilm / "model.safetensors"), "minilm", workdir,
+            int8=bool({"ort-int8-minilm", "ort-int8-minilm-sorted"} & set(names)))
     print(f"prepared the models in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return work
 
@@ -631,6 +646,8 @@ def evaluate_targets(results, embedding, threads):
     for n in (1, n_all):
         specs.append((f"pyfff-int8-minilm / ort-int8-minilm sentences/s, {th(n)} >= 1.0",
                       sps("pyfff-int8-minilm", n), sps("ort-int8-minilm", n), 1.0))
+        specs.append((f"pyfff-int8-minilm / ort-int8-minilm-sorted (both batched by length) sentences/s, "
+                      f"{th(n)} >= 1.0", sps("pyfff-int8-minilm", n), sps("ort-int8-minilm-sorted", n), 1.0))
     specs.append((f"pyfff-ufb / ort-bert-base tokens/s at 8x128, {th(n_all)} >= 1.8",
                   tps("pyfff-ufb", 8, 128, n_all), tps("ort-bert-base", 8, 128, n_all), 1.8))
     specs.append((f"pyfff-ufb / torch-ufb-upstream tokens/s at 8x128, {th(n_all)} >= 3",
