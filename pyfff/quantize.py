@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _qgemm
+from ._openmp_helpers import _openmp_effective_n_threads
 
 __all__ = ["QuantizedLinear", "quantize_weight", "pack_weight", "packed_shape", "quantize_and_pack",
            "quantize_activations", "qlinear_reference", "int8_paths"]
@@ -212,7 +213,7 @@ class QuantizedLinear:
     def __repr__(self):
         return f"QuantizedLinear(k={self.k}, n={self.n}, bias={self.bias is not None}, path={self.path!r})"
 
-    def __call__(self, x, out=None, *, gelu=False, accumulate=False):
+    def __call__(self, x, out=None, *, gelu=False, accumulate=False, n_threads=1):
         """``act(x @ w + bias)`` on the int8 kernels.
 
         Parameters
@@ -224,6 +225,9 @@ class QuantizedLinear:
             Apply the exact GELU after the bias.
         accumulate : bool, default=False
             ``out += result`` instead of ``out = result`` (needs ``out``).
+        n_threads : int or None, default=1
+            OpenMP threads, each computing its share of the output channels (scikit-learn's convention: None =
+            all usable cores, -1 = all CPUs). The result is the same for every value.
 
         Returns
         -------
@@ -253,7 +257,9 @@ class QuantizedLinear:
             if np.may_share_memory(out2, x2):
                 raise ValueError("out must not overlap x")
         flags = (_qgemm.GELU if gelu else 0) | (_qgemm.ACCUMULATE if accumulate else 0)
-        self._q.forward(x2, out2, flags)
+        if n_threads != 1:
+            n_threads = _openmp_effective_n_threads(n_threads)
+        self._q.forward(x2, out2, flags, n_threads)
         if out is not None:
             return out
         return out2[0] if one else out2

@@ -541,19 +541,20 @@ static inline size_t qg_scratch_bytes(ptrdiff_t kp)
            QG_MAX_TILE_ROWS * QG_NR * sizeof(int32_t);
 }
 
-/* y (=|+=) act(dequant(quant(x) @ w) + bias) for m rows, on `path` (which the caller checked is supported).
+/* y (=|+=) act(dequant(quant(x) @ w) + bias) for m rows and the output channels of panels p0..p1-1 (channels
+ * 64 p0 .. min(64 p1, n) - 1), on `path` (which the caller checked is supported).
  *
  * x: m x k float32 (row stride ldx); w: packed int8 (see the top of this file) for kp = qg_padded_k(k) and
  * n output channels, with scales sw[n] and column sums colsum[n] (both padded to qg_padded_n(n)); bias: n floats
- * or NULL; y: m x n float32 (row stride ldy); scratch: qg_scratch_bytes(kp) bytes, 64-byte aligned.  Rows go in
- * chunks of QG_MC: quantized once into scratch, then multiplied panel by panel (the chunk's activations stay in
- * L2, each panel of weights in L1/L2 while every tile of the chunk uses it). */
-static void qg_linear_f32(int path, const float *x, ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t k, const int8_t *w,
-                          const float *sw, const int32_t *colsum, const float *bias, ptrdiff_t n, int flags, float *y,
-                          ptrdiff_t ldy, void *scratch)
+ * or NULL; y: m x n float32 (row stride ldy); scratch: qg_scratch_bytes(kp) bytes.  Rows go in chunks of
+ * QG_MC: quantized once into scratch, then multiplied panel by panel (the chunk's activations stay in L2, each
+ * panel of weights in L1/L2 while every tile of the chunk uses it).  Threads may split the panels of one call
+ * between them (each with its own scratch): every output element is computed the same way whatever the split. */
+static void qg_linear_panels_f32(int path, const float *x, ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t k, const int8_t *w,
+                                 const float *sw, const int32_t *colsum, const float *bias, ptrdiff_t n, ptrdiff_t p0,
+                                 ptrdiff_t p1, int flags, float *y, ptrdiff_t ldy, void *scratch)
 {
     const ptrdiff_t kp = qg_padded_k(k);
-    const ptrdiff_t n_panels = qg_padded_n(n) / QG_NR;
     const int tile_rows = QG_TILE_ROWS[path];
     const int32_t offset = QG_OFFSET[path];
     const qg_tile_fn tile = qg_tile_for(path);
@@ -564,7 +565,7 @@ static void qg_linear_f32(int path, const float *x, ptrdiff_t ldx, ptrdiff_t m, 
     for (ptrdiff_t m0 = 0; m0 < m; m0 += QG_MC) {
         const ptrdiff_t mc = m - m0 < QG_MC ? m - m0 : QG_MC;
         qg_quantize_rows(x + m0 * ldx, ldx, mc, k, kp, q, sx, zx);
-        for (ptrdiff_t p = 0; p < n_panels; p++) {
+        for (ptrdiff_t p = p0; p < p1; p++) {
             const int8_t *wp = w + p * kp * QG_NR;
             const ptrdiff_t n0 = p * QG_NR;
             const int nv = (int)(n - n0 < QG_NR ? n - n0 : QG_NR);
@@ -576,6 +577,15 @@ static void qg_linear_f32(int path, const float *x, ptrdiff_t ldx, ptrdiff_t m, 
             }
         }
     }
+}
+
+/* The whole layer: every output channel (qg_linear_panels_f32 over all panels). */
+static void qg_linear_f32(int path, const float *x, ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t k, const int8_t *w,
+                          const float *sw, const int32_t *colsum, const float *bias, ptrdiff_t n, int flags, float *y,
+                          ptrdiff_t ldy, void *scratch)
+{
+    qg_linear_panels_f32(path, x, ldx, m, k, w, sw, colsum, bias, n, 0, qg_padded_n(n) / QG_NR, flags, y, ldy,
+                         scratch);
 }
 
 #endif /* PYFFF_QGEMM_H */

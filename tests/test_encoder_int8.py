@@ -224,3 +224,14 @@ def test_embed_does_not_depend_on_batching():
                 assert np.array_equal(whole, other)
             else:
                 np.testing.assert_allclose(whole, other, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 7), (3, 30), (2, 64)])
+def test_int8_thread_counts_bitwise(batch, seq):
+    """Few tokens: the threads work inside the kernels; more: on blocks of tokens. Same bits for every count."""
+    src = os.path.join(TINY, "mlm")
+    rng = np.random.default_rng(batch * seq)
+    ids = rng.integers(5, 200, size=(batch, min(seq, 32)))
+    ref = pyfff.load(src, quantize="int8", n_threads=1).hidden_states(ids)
+    for n in (2, 3, 8):
+        assert np.array_equal(pyfff.load(src, quantize="int8", n_threads=n).hidden_states(ids), ref)

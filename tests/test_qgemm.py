@@ -159,3 +159,18 @@ def test_errors(rng):
     with pytest.raises(ValueError, match=r"accepted: None, 'int8'"):
         check_quantize("int4")
     assert layer(x.astype(np.float64)).dtype == np.float32   # other float dtypes are cast
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 64])
+def test_threads_split_channels_bitwise(rng, path, n_threads):
+    """n_threads splits the output panels between OpenMP threads: the same bits for every thread count."""
+    x, w, b = _layer_inputs(rng, 21, 70, 300)              # 5 panels, the last one partial
+    layer = QuantizedLinear.from_float(w, b, path=path)
+    one = layer(x, gelu=True)
+    assert np.array_equal(layer(x, gelu=True, n_threads=n_threads), one)
+    base = rng.standard_normal((21, 300)).astype(np.float32)
+    acc_one, acc_n = base.copy(), base.copy()
+    layer(x, out=acc_one, accumulate=True)
+    layer(x, out=acc_n, accumulate=True, n_threads=n_threads)
+    assert np.array_equal(acc_n, acc_one)

@@ -152,7 +152,8 @@ class Linear:
     def __init__(self, weight, bias=None):
         self.weight, self.bias = weight, bias                 # (in, out), (out,) or None
 
-    def __call__(self, x, out=None, *, gelu=False, accumulate=False):
+    def __call__(self, x, out=None, *, gelu=False, accumulate=False, n_threads=1):
+        # n_threads is the int8 layer's; BLAS runs on the threads the caller allows
         if accumulate:                                        # residual: out += x W + b
             out += _linear(x, self.weight, self.bias)
             return out
@@ -219,6 +220,12 @@ def _run(tasks, n_workers):
 
 # below this many tokens per block the per-call overheads outweigh a second thread
 _MIN_ROWS = 16
+# int8 models called with fewer tokens than this run every step on the calling thread and give the threads to
+# the kernels instead (the int8 projections split their output channels, the FFF kernel its tokens): with few
+# tokens the weights, not the tokens, are what costs, and row blocks would have every core read all of them.
+# Measured on 2 cores (docs/performance.md): 1 x 32 tokens 1.0x one core with row blocks, 1.4x this way; 64 tokens
+# 10 % faster this way, 128 tokens 15-20 % slower (attention and LayerNorm then run on one core).
+_FEW_TOKENS = 96
 
 
 def _split(n, parts):
@@ -260,15 +267,15 @@ def attention_reference(qkv5, ctx, mask_add, bs, hs):
     np.matmul(scores, v, out=ctx[bs, :, hs].transpose(0, 2, 1, 3))
 
 
-def _feed_forward(h, lin, prefix, ffn):
-    """FFF (``ffn``, a ``pyfff.FFF``, one thread: we are inside a worker) or dense GELU feed-forward.
+def _feed_forward(h, lin, prefix, ffn, kt):
+    """FFF (``ffn``, a ``pyfff.FFF``) or dense GELU feed-forward, with ``kt`` threads inside each kernel call.
 
     h : (n, H) -> (n, H)
     """
     if ffn is not None:
-        return ffn(h, n_threads=1)                            # (n, H) conditional execution
-    a = lin[prefix + "ffn.dense_in"](h, gelu=True)            # (n, I) GELU(h W1 + b1)
-    return lin[prefix + "ffn.dense_out"](a)                   # (n, H)
+        return ffn(h, n_threads=kt)                           # (n, H) conditional execution
+    a = lin[prefix + "ffn.dense_in"](h, gelu=True, n_threads=kt)  # (n, I) GELU(h W1 + b1)
+    return lin[prefix + "ffn.dense_out"](a, n_threads=kt)     # (n, H)
 
 
 def embed(p, cfg, ids, token_type_ids):
@@ -301,7 +308,8 @@ def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
     mask : ndarray of shape (B, S) of 0/1 or None
     token_type_ids : ndarray of shape (B, S) or None
     n_threads : int
-        Worker threads. The caller limits BLAS to one thread around this call.
+        Threads: workers on blocks of tokens, or (int8 models, few tokens) threads inside the kernels. The
+        caller limits BLAS to one thread around this call.
 
     Returns
     -------
@@ -321,8 +329,12 @@ def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
     qkv3 = qkv.reshape(B, S, 3 * H)                           # (B, S, 3H) view: [Q | K | V], heads inside
     ctx = np.empty((B, S, H), dtype=np.float32)               # (B, S, H) attention output, heads concatenated
     ctx2 = ctx.reshape(N, H)                                  # (N, H) view
-    rows = _row_blocks(N, n_threads)
-    groups = [bs.indices(B)[:2] + hs.indices(NH)[:2] for bs, hs in _attention_groups(B, NH, n_threads)]
+    if n_threads > 1 and cfg.quantize is not None and N < _FEW_TOKENS:
+        workers, kt = 1, n_threads                            # one block, threads inside the kernels
+    else:
+        workers, kt = n_threads, 1                            # blocks of tokens on the workers
+    rows = _row_blocks(N, workers)
+    groups = [bs.indices(B)[:2] + hs.indices(NH)[:2] for bs, hs in _attention_groups(B, NH, workers)]
 
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
@@ -334,32 +346,32 @@ def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
         if cfg.pre_norm:                                      # crammedBERT: x + f(LN(x))
             def project(r):                                   # rows r: LN1, fused QKV
                 _encoder_ops.layer_norm(x[r], n1w, n1b, eps, h[r])  # (n, H)
-                qkv_proj(h[r], out=qkv[r])                    # (n, 3H) one GEMM
+                qkv_proj(h[r], out=qkv[r], n_threads=kt)      # (n, 3H) one GEMM
 
             def finish(r):                                    # rows r: out-proj, residual, LN2, FF, residual
                 xr = x[r]
-                out_proj(ctx2[r], out=xr, accumulate=True)    # (n, H) x += ctx Wo (+ bo)
+                out_proj(ctx2[r], out=xr, accumulate=True, n_threads=kt)  # (n, H) x += ctx Wo (+ bo)
                 _encoder_ops.layer_norm(xr, n2w, n2b, eps, h[r])  # (n, H)
-                xr += _feed_forward(h[r], lin, pre, ffn)      # (n, H)
+                xr += _feed_forward(h[r], lin, pre, ffn, kt)  # (n, H)
         else:                                                 # BERT: LN(x + f(x))
             def project(r):
-                qkv_proj(x[r], out=qkv[r])                    # (n, 3H)
+                qkv_proj(x[r], out=qkv[r], n_threads=kt)      # (n, 3H)
 
             def finish(r):
                 xr = x[r]
-                a = out_proj(ctx2[r])                         # (n, H)
+                a = out_proj(ctx2[r], n_threads=kt)           # (n, H)
                 a += xr
                 _encoder_ops.layer_norm(a, n1w, n1b, eps, xr)  # (n, H)
-                f = _feed_forward(xr, lin, pre, ffn)          # (n, H)
+                f = _feed_forward(xr, lin, pre, ffn, kt)      # (n, H)
                 f += xr
                 _encoder_ops.layer_norm(f, n2w, n2b, eps, xr)  # (n, H)
 
-        _run([lambda r=r: project(r) for r in rows], n_threads)
-        _run([lambda g=g: _encoder_ops.attention(qkv3, mask_add, ctx, NH, *g) for g in groups], n_threads)
-        _run([lambda r=r: finish(r) for r in rows], n_threads)
+        _run([lambda r=r: project(r) for r in rows], workers)
+        _run([lambda g=g: _encoder_ops.attention(qkv3, mask_add, ctx, NH, *g) for g in groups], workers)
+        _run([lambda r=r: finish(r) for r in rows], workers)
     if cfg.final_norm:
         _run([lambda r=r: _encoder_ops.layer_norm(x[r], p["final_norm.weight"], p["final_norm.bias"], eps, x[r])
-              for r in rows], n_threads)
+              for r in rows], workers)
     return x.reshape(B, S, H)
 
 
