@@ -342,32 +342,34 @@ static QG_TAVX2 void qg_tile_avx2(int mr, const uint8_t *a, ptrdiff_t lda, const
         qg_tileavx2_rows(1, a, lda, b, kp, c);
 }
 
-/* AMX-INT8: up to 16 rows x 64 channels as four 16 x 16 int32 tiles (tmm0-3); per 64 k, one A tile (rows x 64
+/* AMX-INT8: 16 rows x 64 channels as four 16 x 16 int32 tiles (tmm0-3); per 64 k, one A tile (16 rows x 64
  * bytes of the activations, tmm4) and four B tiles (16 groups of 4 k x 16 channels: 16 rows of 64 bytes at the
- * panel's stride of 256 bytes, tmm5-7 reused) feed four tdpbusd.  Offset 0.  The tile shapes are configured
- * per call (ldtilecfg) since the number of rows varies. */
+ * panel's stride of 256 bytes, tmm5-7 reused) feed four tdpbusd.  Offset 0.  The tile shapes are configured once
+ * per layer call (qg_amx_begin, every tile 16 rows); a tile of fewer rows reads the rows after it from the
+ * chunk buffer (zeroed by the driver) and its extra output rows are not used. */
 struct qg_tilecfg {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 };
 
-static QG_TAMX void qg_tile_amx(int mr, const uint8_t *a, ptrdiff_t lda, const int8_t *b, ptrdiff_t kp, int32_t *c)
+static QG_TAMX void qg_amx_begin(void)
 {
     struct qg_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 4; t++) { /* C tiles: mr rows of 16 int32 */
-        cfg.rows[t] = (uint8_t)mr;
-        cfg.colsb[t] = 64;
-    }
-    cfg.rows[4] = (uint8_t)mr; /* A: mr rows of 64 uint8 */
-    cfg.colsb[4] = 64;
-    for (int t = 5; t < 8; t++) { /* B: 16 rows (groups of 4 k) of 16 channels x 4 bytes */
+    for (int t = 0; t < 8; t++) { /* C: 16 rows of 16 int32; A: 16 rows of 64 uint8; B: 16 rows of 16 x 4 int8 */
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
+}
+
+static QG_TAMX void qg_amx_end(void) { _tile_release(); }
+
+static QG_TAMX void qg_tile_amx(int mr, const uint8_t *a, ptrdiff_t lda, const int8_t *b, ptrdiff_t kp, int32_t *c)
+{
+    (void)mr; /* always 16 rows: see above */
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -388,7 +390,6 @@ static QG_TAMX void qg_tile_amx(int mr, const uint8_t *a, ptrdiff_t lda, const i
     _tile_stored(1, c + 16, 4 * QG_NR);
     _tile_stored(2, c + 32, 4 * QG_NR);
     _tile_stored(3, c + 48, 4 * QG_NR);
-    _tile_release();
 }
 #endif /* QG_X86 */
 
@@ -562,9 +563,15 @@ static void qg_linear_panels_f32(int path, const float *x, ptrdiff_t ldx, ptrdif
     float *sx = (float *)(c + QG_MAX_TILE_ROWS * QG_NR);                /* QG_MC */
     int32_t *zx = (int32_t *)(sx + QG_MC);                              /* QG_MC */
     uint8_t *q = (uint8_t *)(zx + QG_MC);                               /* QG_MC x kp */
+#if QG_X86
+    if (path == QG_AMX)
+        qg_amx_begin();
+#endif
     for (ptrdiff_t m0 = 0; m0 < m; m0 += QG_MC) {
         const ptrdiff_t mc = m - m0 < QG_MC ? m - m0 : QG_MC;
         qg_quantize_rows(x + m0 * ldx, ldx, mc, k, kp, q, sx, zx);
+        if (tile_rows > 1 && mc % tile_rows) /* the rows a last, partial tile may read (AMX): defined, unused */
+            memset(q + mc * kp, 0, (size_t)((tile_rows - mc % tile_rows) * kp));
         for (ptrdiff_t p = p0; p < p1; p++) {
             const int8_t *wp = w + p * kp * QG_NR;
             const ptrdiff_t n0 = p * QG_NR;
@@ -577,6 +584,10 @@ static void qg_linear_panels_f32(int path, const float *x, ptrdiff_t ldx, ptrdif
             }
         }
     }
+#if QG_X86
+    if (path == QG_AMX)
+        qg_amx_end();
+#endif
 }
 
 /* The whole layer: every output channel (qg_linear_panels_f32 over all panels). */
