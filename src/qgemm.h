@@ -88,6 +88,14 @@ static inline ptrdiff_t qg_padded_n(ptrdiff_t n) { return (n + QG_NR - 1) / QG_N
 
 /* ------------------------------------------------------------------ activations */
 
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(PYFFF_NO_VECTOR_EXT)
+#define QG_VECTOR_EXT 1
+typedef float qg_v16f __attribute__((vector_size(64)));
+typedef int32_t qg_v16i __attribute__((vector_size(64)));
+#else
+#define QG_VECTOR_EXT 0
+#endif
+
 /* Quantize rows of x to uint8, one (scale, zero point) per row:
  *   lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255, inv = 255 / (hi - lo),
  *   zp = rint(-lo * inv), q = clamp(rint(x * inv) + zp, 0, 255)
@@ -103,7 +111,24 @@ static void qg_quantize_rows(const float *x, ptrdiff_t ldx, ptrdiff_t m, ptrdiff
         const float *xi = x + i * ldx;
         uint8_t *qi = q + i * kp;
         float lo = 0.0f, hi = 0.0f;
-        for (ptrdiff_t j = 0; j < k; j++) {
+        ptrdiff_t j0 = 0;
+#if QG_VECTOR_EXT
+        if (k >= 16) { /* 16 running extremes (exact in any order), selected with masks */
+            qg_v16f vlo = {0}, vhi = {0};
+            for (; j0 + 16 <= k; j0 += 16) {
+                qg_v16f v;
+                memcpy(&v, xi + j0, sizeof v);
+                qg_v16i below = (qg_v16i)(v < vlo), above = (qg_v16i)(v > vhi);
+                vlo = (qg_v16f)((below & (qg_v16i)v) | (~below & (qg_v16i)vlo));
+                vhi = (qg_v16f)((above & (qg_v16i)v) | (~above & (qg_v16i)vhi));
+            }
+            for (int t = 0; t < 16; t++) {
+                lo = vlo[t] < lo ? vlo[t] : lo;
+                hi = vhi[t] > hi ? vhi[t] : hi;
+            }
+        }
+#endif
+        for (ptrdiff_t j = j0; j < k; j++) {
             lo = xi[j] < lo ? xi[j] : lo;
             hi = xi[j] > hi ? xi[j] : hi;
         }
