@@ -47,8 +47,10 @@ class Encoder:
         and to right-pad with the pad token. None if the folder has no
         ``tokenizer.json``.
     n_threads : int
-        Worker threads of the forward pass; each runs single-threaded BLAS
-        and FFF calls on its own block of tokens (or of attention heads).
+        Threads of the forward pass: workers that each run single-threaded
+        BLAS, int8 and FFF calls on their own block of tokens (or of attention
+        heads); an int8 model called with fewer than 96 tokens gives them to
+        the kernels instead (the int8 layers split their output channels).
     params : dict of str to ndarray
         Kernel-ready weights (memory-mapped views where possible); for an
         int8 model the dense projections are stored as ``<name>.q8`` (packed
