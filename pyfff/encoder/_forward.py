@@ -21,7 +21,8 @@ import numpy as np
 
 from .. import _encoder_ops
 
-__all__ = ["encode", "Linear", "linears", "layer_norm_", "gelu_", "softmax_", "mlm_head", "classifier_head", "sentence_pool"]
+__all__ = ["encode", "Linear", "linears", "layer_norm_", "gelu_", "softmax_", "attention_reference", "mlm_head",
+           "classifier_head", "sentence_pool"]
 
 # Elementwise chains (GELU) run over row blocks of about this many float32
 # values: 64 Ki floats = 256 KiB, which stays in the L2 cache between the
@@ -146,7 +147,7 @@ class Linear:
     """A float32 dense layer ``x @ weight + bias`` on NumPy's BLAS.
 
     Same call as :class:`pyfff.quantize.QuantizedLinear`, its int8 counterpart, so the forward pass runs either:
-    ``layer(x, out=None, *, gelu=False, accumulate=False)``; x : (n, in) -> (n, out).
+    ``layer(x, out=None, *, gelu=False, accumulate=False, n_threads=1)``; x : (n, in) -> (n, out).
     """
 
     def __init__(self, weight, bias=None):
@@ -317,7 +318,6 @@ def encode(p, cfg, ffns, lin, ids, mask, token_type_ids=None, n_threads=1):
     """
     B, S = ids.shape
     N, H, NH, eps = B * S, cfg.d_model, cfg.n_heads, cfg.norm_eps
-    HD = H // NH
     mask_add = None
     if mask is not None and not mask.all():
         # additive key mask (crammedBERT: -10000, finite; BERT: float32 min); skipped when nothing is
