@@ -26,6 +26,8 @@ __all__ = ["QuantizedLinear", "quantize_weight", "pack_weight", "packed_shape", 
            "quantize_activations", "qlinear_reference", "int8_paths"]
 
 QUANTIZE_MODES = (None, "int8")
+# int32 accumulators hold K products of at most 255 * 127 (plus the zero-point correction) exactly up to here
+MAX_K = 65536
 
 
 def check_quantize(quantize):
@@ -57,6 +59,9 @@ def quantize_weight(w):
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2 or 0 in w.shape:
         raise ValueError(f"weight must be a non-empty 2-D array, got shape {w.shape}")
+    if w.shape[0] > MAX_K:
+        raise ValueError(f"weight has {w.shape[0]} input features; the int8 kernels take at most {MAX_K} "
+                         "(their int32 sums of 255 x 127 products would overflow beyond)")
     if not np.isfinite(w).all():
         raise ValueError("weight has non-finite values")
     scale = (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)          # (N,)

@@ -132,6 +132,8 @@ def test_weight_quantization(rng):
         quantize_weight(np.array([[np.nan]], np.float32))
     with pytest.raises(ValueError, match="2-D"):
         quantize_weight(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="at most 65536"):
+        quantize_weight(np.ones((65537, 1), np.float32))
 
 
 def test_errors(rng):
