@@ -50,16 +50,26 @@ def _gpu_info():
     return f"CuPy {cupy.__version__}, device {dev.id}: {name}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
 
 
-def show_config(file=None):
-    """Print pyfff's version, OpenMP on/off and runtime, default threads, SIMD variant and BLAS.
+def show_config(file=None, mode="stdout"):
+    """pyfff's version, OpenMP on/off and runtime, default threads, SIMD variant, int8 code paths and BLAS.
 
-    Returns the same information as a dict.
+    Parameters
+    ----------
+    file : file-like, optional
+        Where ``mode="stdout"`` prints (default: ``sys.stdout``).
+    mode : {"stdout", "dicts"}, default="stdout"
+        "stdout" prints the configuration and returns None (as ``numpy.show_config``); "dicts" prints nothing and
+        returns it as a dict.
     """
+    if mode not in ("stdout", "dicts"):
+        raise ValueError(f"mode must be 'stdout' or 'dicts', got {mode!r}")
     cfg = _config_dict()
+    if mode == "dicts":
+        return cfg
     out = file or sys.stdout
     width = max(len(k) for k in cfg)
     for key, value in cfg.items():
         if isinstance(value, list):
             value = "; ".join(value) if value else "(none loaded)"
         print(f"{key:<{width}} : {value}", file=out)
-    return cfg
+    return None

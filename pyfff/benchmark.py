@@ -78,7 +78,8 @@ class Shape:
 
     @property
     def label(self):
-        return f"w{self.width}-d{self.depth}-b{self.batch}-{self.dtype}"
+        # zero-padded so that pytest-benchmark's groups (sorted as text) come in numeric order
+        return f"w{self.width:04d}-d{self.depth:02d}-b{self.batch:05d}-{self.dtype}"
 
 
 @functools.lru_cache(maxsize=3)
@@ -603,8 +604,6 @@ def _cpu_model():
 
 def machine_info():
     """CPU model, CPU counts and affinity, OMP_*/GOMP_*/KMP_* variables, and ``pyfff.show_config()``."""
-    import io
-
     from ._config import show_config
 
     try:
@@ -617,5 +616,5 @@ def machine_info():
         "affinity": affinity,
         "thread_env": {k: v for k, v in sorted(os.environ.items())
                        if k.startswith(("OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_")) or k == "PYFFF_ARCH"},
-        "pyfff_config": show_config(file=io.StringIO()),
+        "pyfff_config": show_config(mode="dicts"),
     }

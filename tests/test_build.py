@@ -77,12 +77,16 @@ def test_effective_n_threads_errors(n_threads, error, match):
         _openmp_effective_n_threads(n_threads)
 
 
-CONFIG_KEYS = ["pyfff", "python", "numpy", "openmp", "openmp_runtime", "default_n_threads", "simd_variant", "blas"]
+CONFIG_KEYS = ["pyfff", "python", "numpy", "openmp", "openmp_runtime", "default_n_threads", "simd_variant", "int8_path",
+               "int8_paths", "blas"]
 
 
-def test_show_config_prints_and_returns(capsys):
-    cfg = pyfff.show_config()
+def test_show_config_prints_or_returns(capsys):
+    """Printed once (returns None, so a REPL shows it once); mode="dicts" returns it without printing."""
+    assert pyfff.show_config() is None
     printed = capsys.readouterr().out
+    cfg = pyfff.show_config(mode="dicts")
+    assert capsys.readouterr().out == ""
     for key in CONFIG_KEYS:
         assert key in cfg
         assert any(line.split(":")[0].strip() == key for line in printed.splitlines()), key
@@ -90,18 +94,20 @@ def test_show_config_prints_and_returns(capsys):
     assert cfg["openmp"] is _openmp_parallelism_enabled()
     assert cfg["default_n_threads"] == _openmp_effective_n_threads(None)
     assert cfg["simd_variant"] == _fff_cpu.simd_variant()
+    assert cfg["int8_paths"][0] == cfg["int8_path"]
     assert isinstance(cfg["blas"], list) and isinstance(cfg["openmp_runtime"], list)
     if cfg["openmp"]:
         assert cfg["openmp_runtime"], "OpenMP is on but show_config() names no runtime"
     buf = io.StringIO()
-    assert pyfff.show_config(file=buf) == cfg
+    assert pyfff.show_config(file=buf) is None
     assert buf.getvalue() == printed
+    with pytest.raises(ValueError, match="'stdout' or 'dicts'"):
+        pyfff.show_config(mode="json")
 
 
-def test_show_config_under_threadpool_limits(capsys):
+def test_show_config_under_threadpool_limits():
     with threadpool_limits(limits=1, user_api="openmp"):
-        assert pyfff.show_config()["default_n_threads"] == 1
-    capsys.readouterr()
+        assert pyfff.show_config(mode="dicts")["default_n_threads"] == 1
 
 
 # gcc's x86-64 micro-architecture levels, as /proc/cpuinfo names the flags

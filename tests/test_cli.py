@@ -50,3 +50,23 @@ def test_console_script():
     out = run("--version", cmd=(script,))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == pyfff.__version__
+
+
+def test_config_help_describes_the_command():
+    out = run("config", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "int8 code paths" in out.stdout and "pyfff.show_config()" in out.stdout
+
+
+def test_closed_stdout_is_not_a_traceback():
+    """`pyfff info MODEL --json | head`: the reader leaves early; pyfff stops quietly with status 141."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)                      # every write now fails with EPIPE
+    model = os.path.join(os.path.dirname(__file__), "data", "ultrafastbert-tiny", "mlm")
+    try:
+        out = subprocess.run([sys.executable, "-m", "pyfff", "info", model, "--json"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr

@@ -75,3 +75,21 @@ def test_embed_empty_file(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(["embed", MLM, str(tmp_path / "empty.txt")]) == 2
     assert "no lines" in capsys.readouterr().err
+
+
+def test_export_file_permissions_follow_umask(tmp_path):
+    """An export is readable like the user's other new files (0666 less the umask), not private (0600)."""
+    old = os.umask(0o022)
+    try:
+        assert main(["export", MLM, str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o644, name
+
+
+def test_export_non_empty_message_names_the_cli_flag(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("1")
+    assert main(["export", MLM, str(tmp_path / "x")]) == 2
+    assert "--overwrite" in capsys.readouterr().err

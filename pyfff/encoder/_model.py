@@ -5,8 +5,8 @@ import dataclasses
 import functools
 import json
 import os
+import secrets
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -427,6 +427,18 @@ def load(path, *, n_threads=None, quantize=None):
     return Encoder(cfg, params, tokenizer=tokenizer, n_threads=n_threads, path=os.fspath(path))
 
 
+def _new_file(folder, prefix, suffix):
+    """Create an empty file of a fresh name in ``folder``, with the permissions of the user's other new files
+    (0666 less the umask; ``tempfile.mkstemp`` would make it 0600, unreadable to others once renamed)."""
+    while True:
+        path = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
 def export(src, dst, *, overwrite=False, quantize=None):
     """Write a kernel-ready copy of a checkpoint: ``model.safetensors`` + ``config.json`` (+ tokenizer files).
 
@@ -462,14 +474,14 @@ def export(src, dst, *, overwrite=False, quantize=None):
         if not os.path.isdir(dst):
             raise FileExistsError(f"{dst!r} exists and is not a folder")
         if os.listdir(dst) and not overwrite:
-            raise FileExistsError(f"{dst!r} is not empty (pass overwrite=True to replace its files)")
+            raise FileExistsError(f"{dst!r} is not empty (pass overwrite=True, or --overwrite to pyfff export, to "
+                                  "replace its files)")
     os.makedirs(dst, exist_ok=True)
     source = raw.get("source") if raw.get("format") == FORMAT else {"path": os.path.abspath(src), "config": raw}
     out_cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "pyfff_version": __version__,
                "encoder": cfg.to_dict(), "source": source}
     # write to temporary names, then rename: a crash never leaves a half-written model.safetensors behind
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=dst)
-    os.close(fd)
+    tmp = _new_file(dst, ".model.", ".tmp")
     try:
         write_safetensors(tmp, params, {"format": FORMAT, "format_version": FORMAT_VERSION})
         os.replace(tmp, os.path.join(dst, "model.safetensors"))
