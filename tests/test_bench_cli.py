@@ -411,3 +411,23 @@ def test_blas_cases_run_last():
     from pyfff._cli_bench import _blas_last
     cases = [(None, 1, k) for k in ("pyfff", "dense", "numpy_ref", "dense_gelu", "pyfff", "dense_3072")]
     assert _blas_last(cases) == [0, 2, 4, 1, 3, 5]
+
+
+def test_benchmark_only_from_the_root_collects_the_benchmarks():
+    """`pytest --benchmark-only` at the repository root collects bench/; plain `pytest` collects tests/ only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def collected(*args):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                             cwd=root, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return out.stdout
+
+    with_bench = collected("--benchmark-only")
+    assert "bench/bench_fff.py::" in with_bench and "bench/bench_qgemm.py::" in with_bench
+    assert "tests/test_fff_kernel.py::" in with_bench
+    assert "bench/" not in collected()
