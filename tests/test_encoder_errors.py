@@ -270,9 +270,12 @@ def test_sequence_longer_than_positions(model):
 
 
 def test_tokenize_truncates_instead(model):
-    ids, mask = model.tokenize(["word " * 200])
+    with pytest.warns(UserWarning, match=r"1 of 1 texts are longer than the model's \d+ tokens; truncated"):
+        ids, mask = model.tokenize(["word " * 200])
     assert ids.shape == (1, model.config.max_positions)
     model.hidden_states(ids, mask)
+    with pytest.raises(ValueError, match=r"1 of 2 texts \(the first: #1\) are longer .*truncate=False"):
+        model.tokenize(["word", "word " * 200], truncate=False)
 
 
 def test_mismatched_mask_shape(model):
@@ -326,8 +329,15 @@ def test_wrong_head(model):
 
 
 def test_token_types_on_crammed_model(model):
-    with pytest.raises(ValueError, match="no token-type embeddings"):
-        model.hidden_states(np.ones((1, 3), np.int64), token_type_ids=np.zeros((1, 3), np.int64))
+    """crammedBERT has no token-type embeddings: segment ids (from tokenize(..., return_token_type_ids=True)) are
+    accepted and ignored; anything else is still refused."""
+    ids = np.ones((1, 3), np.int64)
+    same = model.hidden_states(ids, token_type_ids=np.array([[0, 1, 1]]))
+    assert np.array_equal(same, model.hidden_states(ids))
+    with pytest.raises(ValueError, match=r"token_type_ids must be integers in \[0, 2\)"):
+        model.hidden_states(ids, token_type_ids=np.array([[0, 2, 1]]))
+    with pytest.raises(ValueError, match="token_type_ids has shape"):
+        model.hidden_states(ids, token_type_ids=np.zeros((1, 4), np.int64))
 
 
 @pytest.mark.parametrize("key, value, error, match", [

@@ -108,6 +108,7 @@ class EncoderConfig:
     sentence_pooling: list = field(default_factory=lambda: ["mean"])
     sentence_normalize: bool = False
     quantize: str | None = None       # None (float32) or "int8": dense projections stored packed int8
+    labels: list | None = None        # classifier label names (config.json's id2label), index = label id
 
     @property
     def head_size(self):
@@ -150,6 +151,9 @@ class EncoderConfig:
             raise CheckpointError(f"{path}: encoder.ffn_depth={self.ffn_depth!r} must be an integer >= 0")
         if self.d_model % self.n_heads:
             raise CheckpointError(f"{path}: encoder.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.labels is not None and (not isinstance(self.labels, list) or len(self.labels) != self.num_labels
+                                        or not all(isinstance(x, str) for x in self.labels)):
+            raise CheckpointError(f"{path}: encoder.labels must be a list of {self.num_labels} label names")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -707,6 +711,8 @@ def read_folder(folder):
     else:
         raise NotImplementedError(f"{cfg_path}: model_type={model_type!r} is not implemented by pyfff "
                                   "(supported: 'crammedBERT', 'bert', or a pyfff export)")
+    if cfg.head == "classifier":
+        cfg.labels = _label_names(raw.get("id2label"), cfg.num_labels)
     used = _used_source_names(cfg, t, params)
     leftover = sorted(k for k in t if k not in used and k not in ignorable)
     if leftover:
@@ -720,6 +726,19 @@ def read_folder(folder):
     release_pages([a for a in t.values() if not any(np.may_share_memory(a, k) for k in kept)])
     _tokenizer_side(cfg, folder)
     return cfg, params, raw
+
+
+def _label_names(id2label, n_labels):
+    """Label names from a config's ``id2label`` ({"0": "negative", ...}); None unless it names every label 0..n-1."""
+    if not isinstance(id2label, dict) or len(id2label) != n_labels:
+        return None
+    try:
+        names = {int(k): v for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(names) != list(range(n_labels)) or not all(isinstance(v, str) for v in names.values()):
+        return None
+    return [names[i] for i in range(n_labels)]
 
 
 def _used_source_names(cfg, t, params):

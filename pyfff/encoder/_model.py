@@ -7,6 +7,9 @@ import json
 import os
 import secrets
 import shutil
+import sys
+import time
+import warnings
 
 import numpy as np
 
@@ -110,7 +113,7 @@ class Encoder:
         return _threadpool_controller().limit(limits=1, user_api="blas")
 
     # ------------------------------------------------------------------ tokenizer
-    def tokenize(self, texts, pairs=None, *, return_token_type_ids=False):
+    def tokenize(self, texts, pairs=None, *, return_token_type_ids=False, truncate=True):
         """Encode texts (or text pairs) with the checkpoint's tokenizer.
 
         Parameters
@@ -120,6 +123,9 @@ class Encoder:
             Second segments (crammedBERT: ``<cls> A <sep> B <sep>``).
         return_token_type_ids : bool, default=False
             Also return the segment ids (BERT uses them for pairs).
+        truncate : bool, default=True
+            Texts longer than ``config.max_length`` tokens are cut to it with one warning per call;
+            ``truncate=False`` raises ValueError instead.
 
         Returns
         -------
@@ -128,6 +134,13 @@ class Encoder:
         attention_mask : ndarray of shape (B, S), dtype=int64
         token_type_ids : ndarray of shape (B, S), dtype=int64 (only if asked)
         """
+        ids, mask, types, n_cut = self._tokenize(texts, pairs, truncate)
+        if n_cut:
+            self._warn_truncated(n_cut, len(ids), "text pairs" if pairs is not None else "texts")
+        return (ids, mask, types) if return_token_type_ids else (ids, mask)
+
+    def _tokenize(self, texts, pairs, truncate):
+        """(ids, mask, token types, number of texts cut to max_length); ValueError for a cut with truncate=False."""
         if self.tokenizer is None:
             raise RuntimeError(f"{self.path}: this checkpoint has no tokenizer.json; pass token ids instead")
         texts = self._texts(texts, "texts")
@@ -138,6 +151,11 @@ class Encoder:
             encs = self.tokenizer.encode_batch(list(zip(texts, pairs)))
         else:
             encs = self.tokenizer.encode_batch(texts)
+        cut = [i for i, e in enumerate(encs) if e.overflowing]
+        if cut and not truncate:
+            raise ValueError(f"{len(cut)} of {len(encs)} {'text pairs' if pairs is not None else 'texts'} (the "
+                             f"first: #{cut[0]}) are longer than the model's {self.config.max_length} tokens "
+                             "(truncate=False)")
         lengths = {len(e.ids) for e in encs}
         if 0 in lengths:
             raise ValueError("a text encodes to zero tokens")
@@ -145,15 +163,23 @@ class Encoder:
             raise ValueError("texts of different lengths need padding, but the tokenizer has no pad token")
         ids = np.array([e.ids for e in encs], dtype=np.int64)                   # (B, S)
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)       # (B, S)
-        if return_token_type_ids:
-            return ids, mask, np.array([e.type_ids for e in encs], dtype=np.int64)
-        return ids, mask
+        types = np.array([e.type_ids for e in encs], dtype=np.int64)            # (B, S)
+        return ids, mask, types, len(cut)
+
+    def _warn_truncated(self, n_cut, n, what):
+        warnings.warn(f"{n_cut} of {n} {what} are longer than the model's {self.config.max_length} tokens; "
+                      "truncated (truncate=False raises instead)", stacklevel=3)
 
     @staticmethod
     def _texts(texts, name):
+        if texts is None:
+            raise TypeError(f"{name} is None: give a string or a list of strings")
         if isinstance(texts, str):
             texts = [texts]
-        texts = list(texts)
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise TypeError(f"{name} must be a string or a list of strings, got {type(texts).__name__}") from None
         if not texts:
             raise ValueError(f"{name} is empty: give at least one text")
         for t in texts:
@@ -198,69 +224,111 @@ class Encoder:
             mask = mask.astype(np.int64, copy=False)
         types = None
         if token_type_ids is not None:
-            if not cfg.type_vocab_size:
-                raise ValueError(f"this {cfg.architecture} model has no token-type embeddings")
             types = np.asarray(token_type_ids)
             if types.ndim == 1 and np.asarray(input_ids).ndim == 1:
                 types = types[None]
             if types.shape != ids.shape:
                 raise ValueError(f"token_type_ids has shape {types.shape} but input_ids has {ids.shape}")
-            if types.dtype.kind not in "iu" or types.min() < 0 or types.max() >= cfg.type_vocab_size:
-                raise ValueError(f"token_type_ids must be integers in [0, {cfg.type_vocab_size})")
-            types = types.astype(np.int64, copy=False)
+            n_types = cfg.type_vocab_size or 2       # without token-type embeddings: segment ids 0/1, ignored
+            if types.dtype.kind not in "iu" or types.min() < 0 or types.max() >= n_types:
+                raise ValueError(f"token_type_ids must be integers in [0, {n_types})")
+            types = types.astype(np.int64, copy=False) if cfg.type_vocab_size else None
         return ids, mask, types
 
+    def _inputs(self, inputs, attention_mask, token_type_ids, pairs=None, truncate=True):
+        """(ids, mask, types) of text (str, list of str: tokenized here) or token ids (+ mask, token types)."""
+        if inputs is None:
+            raise TypeError("inputs is None: give a text, a list of texts, or token ids")
+        if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "UO":
+            inputs = inputs.tolist()
+        is_text = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and len(inputs) > 0
+                                              and isinstance(inputs[0], str))
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            raise ValueError("inputs is empty: give at least one text or one sequence of token ids")
+        if not is_text:
+            if pairs is not None:
+                raise ValueError("pairs= goes with text inputs; with token ids, encode the pairs into the ids")
+            return self._check_inputs(inputs, attention_mask, token_type_ids)
+        if attention_mask is not None or token_type_ids is not None:
+            raise ValueError("with text inputs the tokenizer makes attention_mask and token_type_ids; "
+                             "pass token ids (see tokenize) to give your own")
+        ids, mask, types = self.tokenize(inputs, pairs, return_token_type_ids=True, truncate=truncate)
+        return self._check_inputs(ids, mask, types)
+
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None):
+    # Every method takes text (a string or a list of strings, tokenized with the checkpoint's tokenizer: padded,
+    # truncated to config.max_length with a warning, or an error with truncate=False) or token ids with an
+    # optional attention mask (and token types for BERT; models without token-type embeddings ignore them).
+
+    def hidden_states(self, inputs, attention_mask=None, token_type_ids=None, *, truncate=True):
         """Final hidden states (after the final norm for crammedBERT; ``last_hidden_state`` for BERT).
 
         Parameters
         ----------
-        input_ids : array_like of shape (B, S) or (S,), integer
-        attention_mask : array_like of shape (B, S) of 0/1, optional
+        inputs : str, list of str, or array_like of shape (B, S) or (S,) of token ids
+            Text is tokenized (``tokenize``): padded positions then carry values too; ``tokenize`` gives the mask.
+        attention_mask : array_like of shape (B, S) of 0/1, optional (ids only)
             None: every position attends to every other.
-        token_type_ids : array_like of shape (B, S), optional (BERT only)
+        token_type_ids : array_like of shape (B, S), optional (ids only)
+        truncate : bool, default=True
+            Text longer than the model takes: cut with a warning (True) or ValueError (False).
 
         Returns
         -------
         hidden : ndarray of shape (B, S, H), dtype=float32
         """
-        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        ids, mask, types = self._inputs(inputs, attention_mask, token_type_ids, truncate=truncate)
         with self._blas_limit():
             return _forward.encode(self.params, self.config, self._ffns, self._lin, ids, mask, types, self.n_threads)
 
-    def mlm_logits(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Masked-language-model logits (tied decoder).
+    def mlm_logits(self, inputs, attention_mask=None, token_type_ids=None, *, truncate=True):
+        """Masked-language-model logits (tied decoder); inputs as :meth:`hidden_states`.
 
         Returns
         -------
         logits : ndarray of shape (B, S, V), dtype=float32
         """
         self._need_head("mlm")
-        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        ids, mask, types = self._inputs(inputs, attention_mask, token_type_ids, truncate=truncate)
         with self._blas_limit():
             h = _forward.encode(self.params, self.config, self._ffns, self._lin, ids, mask, types, self.n_threads)
             B, S, H = h.shape
             return _forward.mlm_head(self.params, self.config, h.reshape(B * S, H), self.n_threads).reshape(B, S, -1)
 
-    def classify(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Sequence-classification logits (crammedBERT: pooler ``zero_index`` or ``avg``).
+    def classify(self, inputs, attention_mask=None, token_type_ids=None, *, pairs=None, return_labels=False,
+                 truncate=True):
+        """Sequence-classification logits (crammedBERT: pooler ``zero_index`` or ``avg``; BERT: [CLS] pooler).
+
+        Parameters
+        ----------
+        inputs : str, list of str, or token ids (as :meth:`hidden_states`)
+        pairs : str or list of str, optional
+            Second texts of text pairs (with text inputs).
+        return_labels : bool, default=False
+            Also return the predicted label of each input: its name from the config's ``id2label`` when it has
+            one (``config.labels``), else its index.
 
         Returns
         -------
         logits : ndarray of shape (B, num_labels), dtype=float32
+        labels : list of str or int, only with ``return_labels``
         """
         self._need_head("classifier")
-        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        ids, mask, types = self._inputs(inputs, attention_mask, token_type_ids, pairs=pairs, truncate=truncate)
         with self._blas_limit():
             h = _forward.encode(self.params, self.config, self._ffns, self._lin, ids, mask, types, self.n_threads)
-            return _forward.classifier_head(self.params, self.config, h)
+            logits = _forward.classifier_head(self.params, self.config, h)
+        if not return_labels:
+            return logits
+        best = logits.argmax(axis=1)
+        names = self.config.labels
+        return logits, [names[i] if names else int(i) for i in best]
 
     def _need_head(self, head):
         if self.config.head != head:
             raise ValueError(f"this checkpoint has no {head} head (head={self.config.head!r})")
 
-    def embed(self, texts, *, batch_size=32):
+    def embed(self, texts, *, batch_size=32, normalize=None, show_progress=False, truncate=True):
         """Sentence embeddings, pooled as the checkpoint's sentence-transformers files say.
 
         Default (no ``modules.json``): mean over unmasked tokens, no normalisation.
@@ -275,29 +343,48 @@ class Encoder:
         texts : str or list of str
         batch_size : int, default=32
             Texts encoded per forward pass (bounds the memory used).
+        normalize : bool or None, default=None
+            L2-normalise the embeddings; None: as the checkpoint says (``config.sentence_normalize``).
+        show_progress : bool, default=False
+            Report progress on stderr: a tqdm bar when tqdm is installed (``pip install tqdm``), else a line
+            every few seconds.
+        truncate : bool, default=True
+            Texts longer than the model takes: cut with one warning per call (True) or ValueError (False).
 
         Returns
         -------
         embeddings : ndarray of shape (B, D), dtype=float32, in the order of ``texts``
         """
         texts = self._texts(texts, "texts")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if normalize not in (None, True, False):
+            raise ValueError(f"normalize must be None, True or False, got {normalize!r}")
         cfg = self.config
+        norm = cfg.sentence_normalize if normalize is None else normalize
         out = None
         window = 16 * batch_size
+        progress = _Progress(len(texts), "texts") if show_progress else None
+        n_cut = 0
         for w0 in range(0, len(texts), window):
-            ids, mask = self.tokenize(texts[w0:w0 + window])                      # (w, S) padded to the longest
+            ids, mask, _, cut = self._tokenize(texts[w0:w0 + window], None, truncate)  # (w, S) padded to the longest
+            n_cut += cut
             lengths = mask.sum(axis=1)                                              # (w,)
             order = np.argsort(lengths, kind="stable")                              # (w,) shortest first
             for b0 in range(0, order.size, batch_size):
                 rows = order[b0:b0 + batch_size]                                    # (b,)
                 width = int(lengths[rows].max())
                 h = self.hidden_states(ids[rows, :width], mask[rows, :width])      # (b, width, H)
-                emb = _forward.sentence_pool(h, mask[rows, :width], cfg.sentence_pooling, cfg.sentence_normalize)
+                emb = _forward.sentence_pool(h, mask[rows, :width], cfg.sentence_pooling, norm)
                 if out is None:
                     out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)    # (B, D)
                 out[w0 + rows] = emb
+                if progress:
+                    progress.update(rows.size)
+        if progress:
+            progress.close()
+        if n_cut:                                 # one warning for the whole call, however many windows
+            self._warn_truncated(n_cut, len(texts), "texts")
         return out
 
     def fill_mask(self, text, top_k=5):
@@ -346,6 +433,34 @@ class Encoder:
     def n_parameters(self):
         """Stored weight elements (the tied decoder counted once)."""
         return int(sum(a.size for a in self.params.values()))
+
+
+class _Progress:
+    """Progress on stderr: tqdm's bar when tqdm is installed, else a plain line at most every 2 seconds."""
+
+    def __init__(self, total, unit):
+        self.total, self.unit, self.done, self.t0, self.shown = total, unit, 0, time.perf_counter(), 0.0
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, unit=f" {unit}", file=sys.stderr)
+
+    def update(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.shown >= 2.0 or self.done == self.total:
+            self.shown = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            print(f"{self.done}/{self.total} {self.unit} ({rate:.0f} {self.unit}/s)", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _quantized_linears(cfg, params):
