@@ -117,3 +117,37 @@ def test_progress_without_tqdm(monkeypatch, capsys, mlm):
     mlm.embed(["one text", "two texts", "three"], batch_size=1, show_progress=True)
     err = capsys.readouterr().err
     assert "3/3 texts (" in err and "texts/s)" in err
+
+
+def _fake_hub_cache(root, repo_id, source):
+    """A Hugging Face cache laid out as huggingface_hub lays it out: refs/main names a snapshot of the files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_load_by_hub_id_from_the_cache(tmp_path, monkeypatch, mlm):
+    pytest.importorskip("huggingface_hub", reason="the optional 'hub' extra (huggingface_hub) is not installed")
+    snapshot = _fake_hub_cache(tmp_path / "hub", "someorg/tiny-ufb", MLM)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)                                           # "someorg/tiny-ufb" is no local folder
+    model = pyfff.load("someorg/tiny-ufb")
+    assert os.path.samefile(model.path, snapshot)
+    assert np.array_equal(model.hidden_states(TEXTS), mlm.hidden_states(TEXTS))
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set and the local cache has no copy"):
+        pyfff.load("someorg/not-cached")
+
+
+def test_load_by_hub_id_without_huggingface_hub(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)             # as if not installed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"install huggingface_hub \(pip install 'pyfff\[hub\]'\)"):
+        pyfff.load("someorg/some-model")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        pyfff.load("not/a/hub/id")                                        # not an id: the plain error

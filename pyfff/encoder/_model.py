@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -21,7 +22,7 @@ from . import _forward
 from ._checkpoint import FORMAT, FORMAT_VERSION, kernel_param_shapes, quantized_weights, read_folder
 from ._safetensors import CheckpointError, write_safetensors
 
-__all__ = ["Encoder", "load", "export", "quantize_params"]
+__all__ = ["Encoder", "load", "export", "quantize_params", "resolve"]
 
 # sentence-transformers / tokenizer side files copied into an export when present
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -38,8 +39,8 @@ def _threadpool_controller():
 class Encoder:
     """A transformer encoder (UltraFastBERT/crammedBERT or BERT) running on NumPy + pyfff kernels.
 
-    Create it with :func:`pyfff.load`. All methods take right-padded batches
-    of token ids; they never modify the arrays passed in.
+    Create it with :func:`pyfff.load`. Its methods take text or right-padded
+    batches of token ids; they never modify the arrays passed in.
 
     Attributes
     ----------
@@ -489,6 +490,35 @@ def quantize_params(cfg, params, quantize):
     return dataclasses.replace(cfg, quantize=quantize), params
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# what a checkpoint folder holds that pyfff reads (config, weights, tokenizer, sentence-transformers pooling)
+_HUB_FILES = ["*.json", "*.safetensors", "vocab.txt"]
+
+
+def resolve(path):
+    """A checkpoint folder for ``path``: the folder itself, or a Hugging Face Hub model id ("org/name") resolved
+    through ``huggingface_hub`` (its local cache first; ``HF_HUB_OFFLINE=1`` never touches the network)."""
+    path = os.fspath(path)
+    if os.path.exists(path) or not _HUB_ID.match(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"no checkpoint folder at {path!r}; to load it as a Hugging Face Hub model id, "
+                                "install huggingface_hub (pip install 'pyfff[hub]')") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
+                                               if os.environ.get("HF_HOME") else None)
+    try:
+        return snapshot_download(path, allow_patterns=_HUB_FILES, cache_dir=cache, local_files_only=offline)
+    except Exception as exc:  # offline without a cached copy, unknown id, network errors: one clear message
+        how = ("HF_HUB_OFFLINE is set and the local cache has no copy: download it where there is network "
+               f"(huggingface-cli download {path}) and copy the cache, or pass a folder") if offline else (
+               "check the id and the network, or pass a local folder")
+        raise FileNotFoundError(f"no checkpoint folder at {path!r}, and the Hugging Face Hub model {path!r} could not "
+                                f"be fetched ({type(exc).__name__}: {exc}); {how}") from None
+
+
 def load(path, *, n_threads=None, quantize=None):
     """Load a checkpoint folder or a pyfff export.
 
@@ -497,8 +527,11 @@ def load(path, *, n_threads=None, quantize=None):
     path : str or os.PathLike
         A HuggingFace-format folder (``config.json`` + ``model.safetensors``
         [+ ``tokenizer.json``, ``modules.json``, ``1_Pooling/config.json``]) of
-        a crammedBERT/UltraFastBERT or BERT model, or a folder written by
-        :func:`pyfff.export`.
+        a crammedBERT/UltraFastBERT or BERT model, a folder written by
+        :func:`pyfff.export`, or a Hugging Face Hub model id such as
+        ``"sentence-transformers/all-MiniLM-L6-v2"`` (needs ``huggingface_hub``:
+        ``pip install 'pyfff[hub]'``; its cache is used, and ``HF_HUB_OFFLINE=1``
+        uses only the cache).
     n_threads : int or None, default=None
         Threads of the forward pass (FFF kernels and BLAS together; BLAS is
         limited to one thread per worker during each call). None: all usable
@@ -528,6 +561,7 @@ def load(path, *, n_threads=None, quantize=None):
         An unknown ``quantize`` value.
     """
     check_quantize(quantize)
+    path = resolve(path)
     cfg, params, _ = read_folder(path)
     cfg, params = quantize_params(cfg, params, quantize)
     tokenizer = None
@@ -580,7 +614,7 @@ def export(src, dst, *, overwrite=False, quantize=None):
     dst : str
     """
     check_quantize(quantize)
-    src, dst = os.fspath(src), os.fspath(dst)
+    src, dst = resolve(src), os.fspath(dst)
     cfg, params, raw = read_folder(src)
     cfg, params = quantize_params(cfg, params, quantize)
     if os.path.exists(dst):
