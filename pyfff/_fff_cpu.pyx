@@ -49,6 +49,12 @@ cdef Py_ssize_t _DEFAULT_TILE = 16384
 cdef Py_ssize_t _MIN_TOKENS_PER_INNER_THREAD = 512
 cdef int _MAX_INNER_THREADS = 4
 DEFAULT_TILE = _DEFAULT_TILE
+# With n_threads=None, a call with less work than this (multiply-adds: 256 tokens at width 768, depth 11) runs on the
+# calling thread alone. Threads would save at most half a millisecond there, and a parallel region right after the
+# user's own multi-threaded NumPy matmul waits for cores that OpenBLAS's idle workers keep spinning on (batch 64:
+# 0.04 ms alone, 3.7 ms right after `x @ W` on 2 cores), while libgomp's idle workers slow that matmul down in turn
+# (0.5 -> 4.3 ms). See docs/performance.md, "FFF calls between NumPy matmuls".
+SERIAL_WORK = 256 * 12 * 1536
 
 
 def simd_variant():
@@ -175,6 +181,7 @@ cdef class BoundLayer:
     cdef const void *wo_ptr
     cdef readonly int typenum, depth, n_trees, act
     cdef readonly Py_ssize_t d_in, d_out
+    cdef readonly Py_ssize_t serial_below     # n_threads=None: batches below this run on one thread
     cdef object _n_threads_fn
 
     def __cinit__(self, cnp.ndarray w_in, object b_in, cnp.ndarray w_out, int depth, int n_trees, int act,
@@ -197,6 +204,14 @@ cdef class BoundLayer:
         self.w_in, self.b_in, self.w_out = w_in, b_in, w_out
         self.depth, self.n_trees, self.act = depth, n_trees, act
         self._n_threads_fn = n_threads_fn
+        self.serial_below = max(1, SERIAL_WORK // (n_trees * (depth + 1) * (self.d_in + self.d_out)))
+
+    def threads_for(self, object n_threads, Py_ssize_t n):
+        """The thread count a call on ``n`` tokens uses: ``n_threads`` as given (validated), or for None all usable
+        cores unless the batch is below ``serial_below`` (then 1)."""
+        if n_threads is None and n < self.serial_below:
+            return 1
+        return self._n_threads_fn(n_threads)
 
     cdef int _call(self, const void *x, Py_ssize_t n, void *y, int64_t *routes, int n_threads,
                    Py_ssize_t tile) except -1:
@@ -255,7 +270,7 @@ cdef class BoundLayer:
         # value is still validated every time (n_threads=0 is an error).
         if type(n_threads) is int and 0 < n_threads <= 65536:
             nt = n_threads
-        elif n_threads is not None or n > 1:
+        elif n_threads is not None or n >= self.serial_below:
             nt = self._n_threads_fn(n_threads)
         if out is None:
             dims[0] = n

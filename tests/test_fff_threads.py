@@ -31,3 +31,23 @@ def test_thread_modes_are_bitwise_identical(dtype, batch, n_threads, tile):
     layer._bound.fill(x, y, r, n_threads, tile)
     np.testing.assert_array_equal(y, y1, strict=True)
     np.testing.assert_array_equal(r, r1, strict=True)
+
+
+def test_default_threads_skip_small_batches():
+    """n_threads=None runs batches below serial_below tokens on the calling thread (bench/interleave.py says why);
+    an explicit count is always honoured; the result is the same bits either way."""
+    from pyfff._openmp_helpers import _openmp_effective_n_threads
+
+    layer = FFF.random(768, 768, depth=11, seed=3)
+    bound = layer._bound
+    assert bound.serial_below == layer.serial_below == 256   # 256 tokens x 12 nodes x (768 + 768) multiply-adds
+    assert bound.threads_for(None, 255) == 1
+    assert bound.threads_for(None, 256) == _openmp_effective_n_threads(None)
+    assert bound.threads_for(2, 10) == 2 and bound.threads_for(-1, 10) == _openmp_effective_n_threads(-1)
+    with pytest.raises(ValueError):
+        bound.threads_for(0, 10)
+    assert FFF.random(16, 16, depth=2, seed=0)._bound.serial_below > 10_000   # a tiny layer: nearly always
+    x = np.random.default_rng(0).standard_normal((300, 768)).astype(np.float32)
+    for n in (1, 255, 256, 300):
+        assert np.array_equal(layer(x[:n]), layer(x[:n], n_threads=2))
+        assert np.array_equal(layer.routes(x[:n]), layer.routes(x[:n], n_threads=1))
