@@ -16,7 +16,11 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
+from ._openmp_helpers import MAX_N_THREADS, _thread_guard
+
 cnp.import_array()
+
+cdef int _MAX_N_THREADS = MAX_N_THREADS
 
 cdef extern from "fff_cpu.h" nogil:
     const char *fff_simd_variant()
@@ -217,6 +221,8 @@ cdef class BoundLayer:
                    Py_ssize_t tile) except -1:
         """Run the kernel on n prepared rows (GIL released); MemoryError on scratch failure."""
         cdef int status
+        if n_threads > 1:
+            n_threads = _thread_guard(n_threads)      # 1 in a child forked after threads were used
         with nogil:
             if self.typenum == cnp.NPY_FLOAT32:
                 status = _run(<const float *>x, <const float *>self.wi_ptr, <const float *>self.bi_ptr,
@@ -268,7 +274,7 @@ cdef class BoundLayer:
                 return NotImplemented  # overlapping x: refused with a message by pyfff.FFF
         # The thread count only matters past one tile per thread; an explicit
         # value is still validated every time (n_threads=0 is an error).
-        if type(n_threads) is int and 0 < n_threads <= 65536:
+        if type(n_threads) is int and 0 < n_threads <= _MAX_N_THREADS:
             nt = n_threads
         elif n_threads is not None or n >= self.serial_below:
             nt = self._n_threads_fn(n_threads)

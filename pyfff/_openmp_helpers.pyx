@@ -7,11 +7,19 @@
   capped by the number of CPUs this process may run on;
 * a positive int: that many threads;
 * a negative int: counts back from all CPUs (-1 = all, -2 = all but one);
-* 0: an error.
+* 0: an error;
+* at most ``MAX_N_THREADS`` (8 per CPU, at least 256) threads start: larger counts are capped there (asking libgomp
+  for tens of thousands of threads ends the process where the OS refuses them).
 
 Without OpenMP the answer is always 1.
+
+Fork safety: libgomp's thread pool does not survive ``fork()``; a child that starts a parallel region after its
+parent used one waits forever. ``_thread_guard`` (called by every kernel about to use more than one thread) notes
+that threads were used; in a child forked after that, it returns 1, and pyfff runs single-threaded there (warning
+once). ``multiprocessing``'s default start method on Linux is fork.
 """
 import os
+import warnings
 
 from cython.parallel cimport prange
 
@@ -34,6 +42,35 @@ def _cpu_count():
 # Read once at import: the affinity mask is a syscall (~0.5 us), far too slow
 # for a per-call check on the batch-1 path.
 cdef int _N_CPUS = _cpu_count()
+MAX_N_THREADS = max(256, 8 * _N_CPUS)
+
+_threads_used = False       # this process has run a parallel region with more than one thread
+_forked_after_threads = False
+
+
+def _after_fork_in_child():
+    global _forked_after_threads
+    _forked_after_threads = _forked_after_threads or _threads_used
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _thread_guard(int n_threads):
+    """The thread count a kernel may start now: ``n_threads``, or 1 in a child forked after threads were used."""
+    global _threads_used, _forked_after_threads
+    if n_threads <= 1:
+        return n_threads
+    if _forked_after_threads:
+        if _forked_after_threads is True:
+            warnings.warn("pyfff: this process was forked after OpenMP threads were used, and OpenMP (libgomp) "
+                          "cannot start threads again after fork: pyfff runs single-threaded here (use the "
+                          "'spawn' or 'forkserver' start method of multiprocessing for threads in children)",
+                          RuntimeWarning, stacklevel=3)
+            _forked_after_threads = 1           # warned
+        return 1
+    _threads_used = True
+    return n_threads
 
 
 cpdef int _openmp_effective_n_threads(n_threads=None) except -1:
@@ -52,7 +89,7 @@ cpdef int _openmp_effective_n_threads(n_threads=None) except -1:
         return 1
     if n < 0:
         return <int>max(1, _N_CPUS + 1 + n)
-    return <int>min(n, 1 << 16)
+    return <int>min(n, MAX_N_THREADS)
 
 
 def _observed_n_threads(int n_threads):

@@ -20,6 +20,8 @@ from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
 
+from ._openmp_helpers import _thread_guard
+
 cnp.import_array()
 
 cdef extern from "qgemm.h" nogil:
@@ -186,7 +188,7 @@ cdef class QLinear:
         cdef int *fail = &failed
         cdef void *scratch
         cdef Py_ssize_t t
-        cdef int nt = <int>min(<Py_ssize_t>n_threads, n_panels)
+        cdef int nt = <int>min(<Py_ssize_t>_thread_guard(n_threads), n_panels)
         if nt <= 1:
             scratch = malloc(n_bytes)
             if scratch == NULL:

@@ -51,3 +51,38 @@ def test_default_threads_skip_small_batches():
     for n in (1, 255, 256, 300):
         assert np.array_equal(layer(x[:n]), layer(x[:n], n_threads=2))
         assert np.array_equal(layer.routes(x[:n]), layer.routes(x[:n], n_threads=1))
+
+
+def _child_forward(layer, x):
+    """Runs in a forked child (module level so multiprocessing can name it)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x, n_threads=2)
+    return y, [str(w.message) for w in caught]
+
+
+def test_fork_after_threads_does_not_hang():
+    """libgomp cannot start threads again in a child forked after the parent used them: pyfff's kernels run
+    single-threaded there (warning once) instead of waiting forever."""
+    import multiprocessing
+
+    layer = FFF.random(32, 16, depth=5, seed=1)
+    x = np.ones((5000, 32), np.float32)
+    ref = layer(x, n_threads=2)                                   # the parent uses OpenMP threads
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        y, messages = pool.apply_async(_child_forward, (layer, x)).get(timeout=120)
+    assert np.array_equal(y, ref)
+    from pyfff._openmp_helpers import _openmp_parallelism_enabled
+
+    if _openmp_parallelism_enabled():
+        assert any("forked after OpenMP threads were used" in m for m in messages), messages
+
+
+def test_thread_counts_are_capped():
+    from pyfff._openmp_helpers import MAX_N_THREADS, _openmp_effective_n_threads, _openmp_parallelism_enabled
+
+    assert MAX_N_THREADS >= 256
+    if _openmp_parallelism_enabled():
+        assert _openmp_effective_n_threads(10**9) == MAX_N_THREADS == _openmp_effective_n_threads(MAX_N_THREADS)
