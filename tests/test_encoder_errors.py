@@ -358,3 +358,48 @@ def test_tokenizer_larger_than_the_embedding(tmp_path):
     folder, _, _ = eh.write_crammed(tmp_path / "ckpt", vocab=100)  # the copied tokenizer has 232 tokens
     with pytest.raises(CheckpointError, match="tokenizer has 232 tokens but the embedding only 100 rows"):
         pyfff.load(folder)
+
+
+def test_byte_count_check_does_not_wrap(tmp_path):
+    """A shape whose element count overflows int64 (2**62 + 1 rows of 4 bytes stored in 16 bytes) is refused."""
+    folder = _copy(tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = "encoder.final_norm.bias"
+    begin = header[name]["data_offsets"][0]
+    header[name]["shape"] = [2 ** 62 + 1, 4]
+    header[name]["data_offsets"] = [begin, begin + 16]
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(CheckpointError, match=rf"{name}.*16 bytes stored"):
+        pyfff.load(folder)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_transformer_layers", 10 ** 7, "n_layers=10000000 is larger than pyfff accepts"),
+    ("intermed_depth", 2 ** 31, "ffn_depth=2147483648 is larger than pyfff accepts"),
+    ("embedding.max_seq_length", 10 ** 7, "max_positions=10000000 is larger than pyfff accepts"),
+])
+def test_huge_config_values_fail_fast(tmp_path, key, value, match):
+    """Config sizes are checked before anything is allocated (unchecked, these took minutes and gigabytes)."""
+    folder = _copy(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    node = cfg["arch"]
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        pyfff.load(folder)
+
+
+def test_huge_export_config_values_fail_fast(tmp_path):
+    out = pyfff.export(MLM, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    cfg["encoder"]["n_layers"] = 10 ** 7
+    (tmp_path / "out" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="n_layers=10000000 is larger than pyfff accepts"):
+        pyfff.load(out)

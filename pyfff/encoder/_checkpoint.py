@@ -149,11 +149,29 @@ class EncoderConfig:
                 raise CheckpointError(f"{path}: encoder.{key}={value!r} must be a positive integer")
         if self.ffn_type == "fff" and (not isinstance(self.ffn_depth, int) or self.ffn_depth < 0):
             raise CheckpointError(f"{path}: encoder.ffn_depth={self.ffn_depth!r} must be an integer >= 0")
+        check_limits(self, path)
         if self.d_model % self.n_heads:
             raise CheckpointError(f"{path}: encoder.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.labels is not None and (not isinstance(self.labels, list) or len(self.labels) != self.num_labels
                                         or not all(isinstance(x, str) for x in self.labels)):
             raise CheckpointError(f"{path}: encoder.labels must be a list of {self.num_labels} label names")
+
+
+# Largest config values pyfff accepts: checked before anything is allocated, so that an edited or hostile
+# config.json fails at once with a clear error instead of growing memory until the process dies. Each is far
+# above any published model of this family (BERT-large: 24 layers, 1024 wide, 512 positions; UltraFastBERT:
+# depth 11).
+LIMITS = {"n_layers": 1024, "d_model": 1 << 16, "n_heads": 1 << 12, "vocab_size": 1 << 24,
+          "max_positions": 1 << 16, "ffn_depth": 24, "ffn_n_trees": 1 << 16, "d_ff": 1 << 20,
+          "type_vocab_size": 1 << 10, "num_labels": 1 << 20, "head_dim": 1 << 16}
+
+
+def check_limits(cfg, path):
+    """Every size of ``cfg`` within LIMITS (CheckpointError naming the key otherwise)."""
+    for key, limit in LIMITS.items():
+        value = getattr(cfg, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise CheckpointError(f"{path}: config value {key}={value} is larger than pyfff accepts ({limit})")
 
 
 # --------------------------------------------------------------------------- shapes
@@ -396,6 +414,9 @@ def _crammed_config(raw, path):
         raise CheckpointError(f"{path}: config hidden_size={H} is not divisible by "
                               f"attention.num_attention_heads={n_heads}")
     eps = float(_get(a, "norm_eps", path))
+    depth = _get(a, "intermed_depth", path) if ffn_type == "fff" else None
+    if ffn_type == "fff" and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 0):
+        raise CheckpointError(f"{path}: config intermed_depth={depth!r} must be an integer >= 0")
     cfg = EncoderConfig(
         architecture="crammedBERT", head=head, n_layers=_positive_int(a, "num_transformer_layers", path),
         d_model=H, n_heads=n_heads, norm_eps=eps, pre_norm=True, final_norm=final_norm, embedding_norm=emb_norm,
@@ -404,9 +425,6 @@ def _crammed_config(raw, path):
         attn_scale=1.0 / math.sqrt(H // n_heads), qkv_bias=qkv_bias, attn_out_bias=use_bias, ffn_bias=use_bias,
     )
     if ffn_type == "fff":
-        depth = _get(a, "intermed_depth", path)
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-            raise CheckpointError(f"{path}: config intermed_depth={depth!r} must be an integer >= 0")
         cfg.ffn_depth = depth
         cfg.ffn_n_trees = _positive_int(a, "intermed_size", path)
     else:
@@ -702,11 +720,13 @@ def read_folder(folder):
     model_type = raw.get("model_type")
     if model_type == "crammedBERT":
         cfg = _crammed_config(raw, cfg_path)
+        check_limits(cfg, cfg_path)
         tensors, _ = read_safetensors(st_path)
         params, ignorable, t = _crammed_params(cfg, tensors, st_path)
     elif model_type == "bert":
         tensors, _ = read_safetensors(st_path)
         cfg = _bert_config(raw, cfg_path, tensors)
+        check_limits(cfg, cfg_path)
         params, ignorable, t = _bert_params(cfg, tensors, st_path)
     else:
         raise NotImplementedError(f"{cfg_path}: model_type={model_type!r} is not implemented by pyfff "

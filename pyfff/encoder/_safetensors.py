@@ -17,6 +17,7 @@ also copies on ``get_tensor``. The format is simple enough to map directly:
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 
@@ -104,7 +105,8 @@ def read_safetensors(path):
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if code not in _DTYPES:
             _fail(path, f"tensor {name!r}: unsupported dtype {code!r}")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)):
+        if (not isinstance(shape, list) or len(shape) > 32
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             _fail(path, f"tensor {name!r}: bad shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
@@ -114,7 +116,7 @@ def read_safetensors(path):
             _fail(path, f"tensor {name!r} ends at byte {end} of the data section but the file holds only "
                         f"{data_size} data bytes (truncated file)")
         itemsize = _DTYPES[code].itemsize
-        n_bytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        n_bytes = math.prod(shape) * itemsize          # Python ints: no wrap-around (np.prod's int64 would)
         if end - begin != n_bytes:
             _fail(path, f"tensor {name!r}: {end - begin} bytes stored but dtype {code} x shape {tuple(shape)} "
                         f"needs {n_bytes}")
