@@ -403,3 +403,25 @@ def test_huge_export_config_values_fail_fast(tmp_path):
     (tmp_path / "out" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="n_layers=10000000 is larger than pyfff accepts"):
         pyfff.load(out)
+
+
+def test_concurrent_calls_restore_blas_threads():
+    """Encoder calls overlapping in 8 threads leave NumPy's BLAS thread count as it was (each call limits BLAS to
+    one thread while it runs; overlapping limits used to be restored out of order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    model = pyfff.load(MLM, n_threads=1)
+    ids = np.ones((2, 8), np.int64)
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(model.hidden_states, ids) for _ in range(400)]
+        for _ in range(50):                                      # the main thread's calls overlap them
+            model.hidden_states(ids)
+        for f in futures:
+            f.result()
+    assert blas_threads() == before

@@ -1,6 +1,7 @@
 """The public encoder object, ``load`` and ``export``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -9,6 +10,7 @@ import re
 import secrets
 import shutil
 import sys
+import threading
 import time
 import warnings
 
@@ -34,6 +36,22 @@ def _threadpool_controller():
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """BLAS limited to one thread during a call made from the main thread; calls from other threads leave it alone.
+
+    Why not from every thread: OpenBLAS (0.3.31, NumPy's) takes ``openblas_set_num_threads`` only from the main
+    thread and ignores it elsewhere, so a limit set by one thread and restored by another (overlapping calls) could
+    leave the whole process on one BLAS thread. A call from another thread runs with BLAS as the process has it
+    (correct results; at worst its BLAS calls use more threads than the encoder's workers leave free).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with _threadpool_controller().limit(limits=1, user_api="blas"):
+        yield
 
 
 class Encoder:
@@ -111,7 +129,7 @@ class Encoder:
         The encoder parallelises itself: ``n_threads`` workers each run single-threaded BLAS and FFF
         calls on their own row block (see ``_forward``), so a multi-threaded BLAS would oversubscribe.
         """
-        return _threadpool_controller().limit(limits=1, user_api="blas")
+        return _one_blas_thread()
 
     # ------------------------------------------------------------------ tokenizer
     def tokenize(self, texts, pairs=None, *, return_token_type_ids=False, truncate=True):
