@@ -425,3 +425,21 @@ def test_concurrent_calls_restore_blas_threads():
         for f in futures:
             f.result()
     assert blas_threads() == before
+
+
+def test_long_texts_are_cut_before_tokenizing(model):
+    """Texts are cut to what the model can keep before tokenizing: a pair of 100,000-character texts (which used to
+    exhaust memory in the tokenizer's overflow bookkeeping) and a 10 MB text stay within a few tens of MB."""
+    import resource
+    import warnings
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss            # KiB on Linux
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, _ = model.tokenize("x " * 50_000, "y " * 50_000)
+        single, _ = model.tokenize("word " * 2_000_000)
+    assert ids.shape == single.shape == (1, model.config.max_length)
+    assert len(caught) == 2 and all("truncated" in str(w.message) for w in caught)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300 * 1024
+    with pytest.raises(ValueError, match="truncate=False"):
+        model.tokenize("word " * 2_000_000, truncate=False)
