@@ -443,3 +443,46 @@ def test_long_texts_are_cut_before_tokenizing(model):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300 * 1024
     with pytest.raises(ValueError, match="truncate=False"):
         model.tokenize("word " * 2_000_000, truncate=False)
+
+
+def test_export_replaces_the_folder_whole(tmp_path):
+    """overwrite=True replaces the destination folder as a whole: stale files of an old export go, symbolic links
+    inside it are not written through, and no temporary folder is left beside it."""
+    dst = tmp_path / "dst"
+    pyfff.export(MLM, dst)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (dst / "config.json").unlink()
+    (dst / "config.json").symlink_to(victim)                      # a link where the export writes
+    (dst / "stale.json").write_text("{}")                          # a file the new export does not have
+    pyfff.export(MLM, dst, overwrite=True)
+    assert victim.read_text() == "keep me"
+    assert not (dst / "config.json").is_symlink() and not (dst / "stale.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "victim.txt"]
+    assert pyfff.load(dst).config.n_layers == 2
+
+
+def test_export_failure_keeps_the_old_export(tmp_path, monkeypatch):
+    """A failure while writing leaves the old export as it was, and no temporary folder."""
+    from pyfff.encoder import _model
+
+    dst = tmp_path / "dst"
+    pyfff.export(MLM, dst)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_model, "write_safetensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        pyfff.export(MLM, dst, overwrite=True)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_export_refuses_a_symlinked_destination(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        pyfff.export(MLM, tmp_path / "link")

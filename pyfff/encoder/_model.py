@@ -605,13 +605,17 @@ def load(path, *, n_threads=None, quantize=None):
     return Encoder(cfg, params, tokenizer=tokenizer, n_threads=n_threads, path=os.fspath(path))
 
 
-def _new_file(folder, prefix, suffix):
-    """Create an empty file of a fresh name in ``folder``, with the permissions of the user's other new files
-    (0666 less the umask; ``tempfile.mkstemp`` would make it 0600, unreadable to others once renamed)."""
+def _new_file(parent, prefix, suffix, *, folder=False):
+    """Create an empty file (or, with ``folder=True``, a folder) of a fresh name in ``parent``, with the
+    permissions of the user's other new files (0666 / 0777 less the umask; ``tempfile.mkstemp`` and ``mkdtemp``
+    would make them private, unreadable to others once renamed into place)."""
     while True:
-        path = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        path = os.path.join(parent, f"{prefix}{secrets.token_hex(8)}{suffix}")
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if folder:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return path
         except FileExistsError:
             continue
@@ -646,6 +650,8 @@ def export(src, dst, *, overwrite=False, quantize=None):
     src, dst = resolve(src), os.fspath(dst)
     cfg, params, raw = read_folder(src)
     cfg, params = quantize_params(cfg, params, quantize)
+    if os.path.islink(dst):
+        raise FileExistsError(f"{dst!r} is a symbolic link: give the folder itself")
     if os.path.exists(dst):
         if os.path.realpath(dst) == os.path.realpath(src):
             raise ValueError("export destination is the source folder")
@@ -654,24 +660,60 @@ def export(src, dst, *, overwrite=False, quantize=None):
         if os.listdir(dst) and not overwrite:
             raise FileExistsError(f"{dst!r} is not empty (pass overwrite=True, or --overwrite to pyfff export, to "
                                   "replace its files)")
-    os.makedirs(dst, exist_ok=True)
     source = raw.get("source") if raw.get("format") == FORMAT else {"path": os.path.abspath(src), "config": raw}
     out_cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "pyfff_version": __version__,
                "encoder": cfg.to_dict(), "source": source}
-    # write to temporary names, then rename: a crash never leaves a half-written model.safetensors behind
-    tmp = _new_file(dst, ".model.", ".tmp")
+    # Everything is written into a fresh folder beside dst, which then takes dst's place in one rename (an
+    # atomic exchange with an existing dst where the OS has one): a crash at any point leaves the old export or
+    # the new one, complete, under dst; nothing is written through symbolic links inside an old dst, and files
+    # of an old export that the new one does not have go with it.
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = _new_file(parent, f".{os.path.basename(os.path.abspath(dst))}.pyfff-export-", "", folder=True)
     try:
-        write_safetensors(tmp, params, {"format": FORMAT, "format_version": FORMAT_VERSION})
-        os.replace(tmp, os.path.join(dst, "model.safetensors"))
+        weights = _new_file(tmp, "model.", ".safetensors")
+        write_safetensors(weights, params, {"format": FORMAT, "format_version": FORMAT_VERSION})
+        os.replace(weights, os.path.join(tmp, "model.safetensors"))
+        with open(_new_file(tmp, "config", ".json"), "w", encoding="utf-8") as fh:
+            json.dump(out_cfg, fh, indent=1)
+            fh.write("\n")
+            name = fh.name
+        os.replace(name, os.path.join(tmp, "config.json"))
+        for side in _SIDE_FILES:
+            f = os.path.join(src, side)
+            if os.path.isfile(f):
+                shutil.copyfile(f, os.path.join(tmp, side))
+        _move_into_place(tmp, dst)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(out_cfg, fh, indent=1)
-        fh.write("\n")
-    for name in _SIDE_FILES:
-        f = os.path.join(src, name)
-        if os.path.isfile(f):
-            shutil.copyfile(f, os.path.join(dst, name))
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _exchange(a, b):
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _move_into_place(new, dst):
+    """Put folder ``new`` at ``dst``, replacing whatever folder is there."""
+    if not os.path.exists(dst):
+        os.rename(new, dst)                                   # atomic
+        return
+    if _exchange(new, dst):                                   # dst is the new export; new holds the old one
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = os.path.join(os.path.dirname(os.path.abspath(dst)),
+                       f".{os.path.basename(os.path.abspath(dst))}.pyfff-old-{secrets.token_hex(8)}")
+    os.rename(dst, old)                                       # without an exchange: a short window with no dst
+    os.rename(new, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
