@@ -13,7 +13,9 @@ import sys
 
 import numpy as np
 
-_USER_ERRORS = (FileNotFoundError, FileExistsError, NotImplementedError, ValueError, TypeError, RuntimeError)
+# what a user's input or environment can cause: one line and exit status 2 (OSError: unreadable or read-only
+# files, a full disk; a closed stdout is handled by pyfff.__main__)
+_USER_ERRORS = (OSError, NotImplementedError, ValueError, TypeError, RuntimeError)
 
 
 def _threads(text):
@@ -40,6 +42,8 @@ def _guard(command):
     def run(args):
         try:
             return command(args)
+        except BrokenPipeError:
+            raise
         except _USER_ERRORS as exc:
             print(f"pyfff {args.command}: error: {exc}", file=sys.stderr)
             return 2

@@ -93,3 +93,21 @@ def test_export_non_empty_message_names_the_cli_flag(tmp_path, capsys):
     (tmp_path / "x" / "f").write_text("1")
     assert main(["export", MLM, str(tmp_path / "x")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_export_to_a_read_only_place_is_one_line(tmp_path, capsys):
+    """An OSError (here: a read-only destination) is a user error: one line on stderr, exit status 2."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):                                # root ignores permissions: use a path under a file
+            target = str(tmp_path / "a_file" / "out")
+            (tmp_path / "a_file").write_text("x")
+        else:
+            target = str(ro / "out")
+        assert main(["export", MLM, target]) == 2
+    finally:
+        ro.chmod(0o700)
+    err = capsys.readouterr().err
+    assert err.startswith("pyfff export: error: ") and err.count("\n") == 1 and "Traceback" not in err

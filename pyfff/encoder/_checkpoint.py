@@ -147,8 +147,33 @@ class EncoderConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CheckpointError(f"{path}: encoder.{key}={value!r} must be a positive integer")
-        if self.ffn_type == "fff" and (not isinstance(self.ffn_depth, int) or self.ffn_depth < 0):
+        if self.ffn_type == "fff" and (not isinstance(self.ffn_depth, int) or isinstance(self.ffn_depth, bool)
+                                       or self.ffn_depth < 0):
             raise CheckpointError(f"{path}: encoder.ffn_depth={self.ffn_depth!r} must be an integer >= 0")
+        if (not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool)
+                or self.type_vocab_size < 0):
+            raise CheckpointError(f"{path}: encoder.type_vocab_size={self.type_vocab_size!r} must be an integer >= 0")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or isinstance(self.max_length, bool)
+                                            or not 1 <= self.max_length <= self.max_positions):
+            raise CheckpointError(f"{path}: encoder.max_length={self.max_length!r} must be an integer in "
+                                  f"[1, max_positions={self.max_positions}]")
+        for key in ("pre_norm", "final_norm", "embedding_norm", "qkv_bias", "attn_out_bias", "ffn_bias",
+                    "mlm_transform", "decoder_bias", "sentence_normalize"):
+            if not isinstance(getattr(self, key), bool):
+                raise CheckpointError(f"{path}: encoder.{key}={getattr(self, key)!r} must be true or false")
+        for key, low, high in (("norm_eps", 0.0, 1.0), ("attn_scale", 0.0, 1e6), ("mask_value", -math.inf, 0.0)):
+            value = getattr(self, key)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or not low < value <= high):
+                raise CheckpointError(f"{path}: encoder.{key}={value!r} must be a finite number in ({low}, {high}]")
+        for key in ("pad_token", "mask_token"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise CheckpointError(f"{path}: encoder.{key}={getattr(self, key)!r} must be a string or null")
+        modes = ("cls", "max", "mean", "mean_sqrt_len")
+        if (not isinstance(self.sentence_pooling, list) or not self.sentence_pooling
+                or not all(isinstance(m, str) and m in modes for m in self.sentence_pooling)):
+            raise CheckpointError(f"{path}: encoder.sentence_pooling={self.sentence_pooling!r} must be a non-empty "
+                                  f"list of {modes}")
         check_limits(self, path)
         if self.d_model % self.n_heads:
             raise CheckpointError(f"{path}: encoder.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -268,14 +293,19 @@ def _check_tensors(path, tensors, expected):
 
 
 # --------------------------------------------------------------------------- helpers
-def _read_json(path):
+def _read_json(path, kind=None):
+    """A JSON file's content; with ``kind`` (dict or list), CheckpointError unless it is of that type."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing file {path!r}")
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+            doc = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
+    if kind is not None and not isinstance(doc, kind):
+        raise CheckpointError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, got "
+                              f"{type(doc).__name__}")
+    return doc
 
 
 _MISSING = object()
@@ -300,6 +330,14 @@ def _require(cfg, dotted, allowed, path, default=_MISSING):
         raise NotImplementedError(f"{path}: config {dotted}={value!r} is not implemented by pyfff "
                                   f"(supported: {', '.join(repr(a) for a in allowed)})")
     return value
+
+
+def _positive_number(cfg, dotted, path, default=_MISSING):
+    value = _get(cfg, dotted, path, default)
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or not 0 < value < 1):
+        raise CheckpointError(f"{path}: config {dotted}={value!r} must be a number between 0 and 1")
+    return float(value)
 
 
 def _positive_int(cfg, dotted, path):
@@ -369,7 +407,7 @@ def _reorder_heads(w, n_heads, scale):
     rest = w.shape[1:]
     hd = w.shape[0] // (3 * n_heads)
     blocks = w.reshape((n_heads, 3, hd) + rest).swapaxes(0, 1)        # (3, NH, HD, ...)
-    out = np.ascontiguousarray(blocks, dtype=np.float32).reshape(w.shape)  # (3H, ...)
+    out = np.array(blocks, dtype=np.float32, order="C").reshape(w.shape)  # (3H, ...) always a copy: scaled below
     out[: n_heads * hd] *= np.float32(scale)
     return out
 
@@ -413,7 +451,7 @@ def _crammed_config(raw, path):
     if H % n_heads:
         raise CheckpointError(f"{path}: config hidden_size={H} is not divisible by "
                               f"attention.num_attention_heads={n_heads}")
-    eps = float(_get(a, "norm_eps", path))
+    eps = _positive_number(a, "norm_eps", path)
     depth = _get(a, "intermed_depth", path) if ffn_type == "fff" else None
     if ffn_type == "fff" and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 0):
         raise CheckpointError(f"{path}: config intermed_depth={depth!r} must be an integer >= 0")
@@ -539,9 +577,11 @@ def _bert_config(raw, path, t):
     else:
         head = None
     type_vocab = _get(raw, "type_vocab_size", path, 2)
+    if not isinstance(type_vocab, int) or isinstance(type_vocab, bool) or type_vocab < 0:
+        raise CheckpointError(f"{path}: config type_vocab_size={type_vocab!r} must be an integer >= 0")
     cfg = EncoderConfig(
         architecture="bert", head=head, n_layers=_positive_int(raw, "num_hidden_layers", path), d_model=H,
-        n_heads=n_heads, norm_eps=float(_get(raw, "layer_norm_eps", path, 1e-12)), pre_norm=False,
+        n_heads=n_heads, norm_eps=_positive_number(raw, "layer_norm_eps", path, 1e-12), pre_norm=False,
         final_norm=False, embedding_norm=True, ffn_type="dense", vocab_size=_positive_int(raw, "vocab_size", path),
         max_positions=_positive_int(raw, "max_position_embeddings", path), type_vocab_size=int(type_vocab),
         d_ff=_positive_int(raw, "intermediate_size", path), mask_value=_F32_MIN,
@@ -619,7 +659,7 @@ def _special_token(folder, key, candidates, vocab):
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):
         f = os.path.join(folder, fname)
         if os.path.isfile(f):
-            value = _read_json(f).get(key)
+            value = _read_json(f, dict).get(key)
             if isinstance(value, dict):
                 value = value.get("content")
             if isinstance(value, str) and value in vocab:
@@ -630,37 +670,53 @@ def _special_token(folder, key, candidates, vocab):
     return None
 
 
-def _tokenizer_side(cfg, folder):
-    """Fill pad/mask tokens, truncation length and sentence pooling from the folder's side files."""
+def load_tokenizer(path):
+    """``tokenizers.Tokenizer.from_file(path)``; CheckpointError for any file it cannot read.
+
+    The Rust library raises plain Exception for most bad files, and a ``PanicException`` (a BaseException,
+    which ``except Exception`` misses) for some malformed ones."""
     from tokenizers import Tokenizer
 
+    try:
+        return Tokenizer.from_file(path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- see the docstring
+        raise CheckpointError(f"{path}: cannot be read by tokenizers ({type(exc).__name__}: {exc})") from None
+
+
+def _tokenizer_side(cfg, folder):
+    """Fill pad/mask tokens, truncation length and sentence pooling from the folder's side files."""
     tok_path = os.path.join(folder, "tokenizer.json")
     max_length = cfg.max_positions
     tcfg = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(tcfg):
-        mml = _read_json(tcfg).get("model_max_length")
+        mml = _read_json(tcfg, dict).get("model_max_length")
         if isinstance(mml, int) and 0 < mml < max_length:
             max_length = mml
     sbert = os.path.join(folder, "sentence_bert_config.json")
     if os.path.isfile(sbert):
-        msl = _read_json(sbert).get("max_seq_length")
+        msl = _read_json(sbert, dict).get("max_seq_length")
         if isinstance(msl, int) and 0 < msl < max_length:
             max_length = msl
     cfg.max_length = max_length
     if os.path.isfile(tok_path):
-        try:
-            vocab = Tokenizer.from_file(tok_path).get_vocab(with_added_tokens=True)
-        except Exception as exc:  # the Rust library raises plain Exception
-            raise CheckpointError(f"{tok_path}: cannot be read by tokenizers ({exc})") from None
+        vocab = load_tokenizer(tok_path).get_vocab(with_added_tokens=True)
         cfg.pad_token = _special_token(folder, "pad_token", ("<pad>", "[PAD]"), vocab)
         cfg.mask_token = _special_token(folder, "mask_token", ("<mask>", "[MASK]"), vocab)
     modules = os.path.join(folder, "modules.json")
     if os.path.isfile(modules):
         pooling, normalize = ["mean"], False
-        for m in _read_json(modules):
-            kind = str(m.get("type", ""))
+        for m in _read_json(modules, list):
+            if not isinstance(m, dict) or not isinstance(m.get("type", ""), str) or not isinstance(m.get("path", ""),
+                                                                                                   str):
+                raise CheckpointError(f"{modules}: each module must be an object with string 'type' and 'path', "
+                                      f"got {m!r:.80}")
+            kind = m.get("type", "")
+            if os.path.isabs(m.get("path", "")) or ".." in m.get("path", "").replace("\\", "/").split("/"):
+                raise CheckpointError(f"{modules}: module path {m.get('path')!r} leaves the checkpoint folder")
             if kind.endswith("models.Pooling"):
-                pcfg = _read_json(os.path.join(folder, m.get("path", ""), "config.json"))
+                pcfg = _read_json(os.path.join(folder, m.get("path", ""), "config.json"), dict)
                 modes = [name for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
                                                 ("pooling_mode_mean_tokens", "mean"),
                                                 ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))

@@ -21,7 +21,7 @@ from .._openmp_helpers import _openmp_effective_n_threads
 from ..fff import FFF
 from ..quantize import QuantizedLinear, check_quantize, quantize_and_pack
 from . import _forward
-from ._checkpoint import FORMAT, FORMAT_VERSION, kernel_param_shapes, quantized_weights, read_folder
+from ._checkpoint import FORMAT, FORMAT_VERSION, kernel_param_shapes, load_tokenizer, quantized_weights, read_folder
 from ._safetensors import CheckpointError, write_safetensors
 
 __all__ = ["Encoder", "load", "export", "quantize_params", "resolve"]
@@ -83,6 +83,8 @@ class Encoder:
     """
 
     def __init__(self, config, params, *, tokenizer=None, n_threads=None, path=None):
+        if config.max_length is None:                         # no tokenizer side files said: the positions
+            config.max_length = config.max_positions
         self.config = config
         self.params = params
         self.path = path
@@ -174,9 +176,9 @@ class Encoder:
             if len(pairs) != len(texts):
                 raise ValueError(f"got {len(texts)} texts but {len(pairs)} pairs")
             long_ |= {i for i, t in enumerate(pairs) if len(t) > cap}
-            encs = self.tokenizer.encode_batch(list(zip(texts, [t[:cap] for t in pairs])))
+            encs = self._encode_batch(list(zip(texts, [t[:cap] for t in pairs])))
         else:
-            encs = self.tokenizer.encode_batch(texts)
+            encs = self._encode_batch(texts)
         cut = sorted(long_ | {i for i, e in enumerate(encs) if e.overflowing})
         if cut and not truncate:
             raise ValueError(f"{len(cut)} of {len(encs)} {'text pairs' if pairs is not None else 'texts'} (the "
@@ -191,6 +193,19 @@ class Encoder:
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)       # (B, S)
         types = np.array([e.type_ids for e in encs], dtype=np.int64)            # (B, S)
         return ids, mask, types, len(cut)
+
+    def _encode_batch(self, items):
+        """``tokenizer.encode_batch``; a malformed tokenizer.json that panics in the Rust library (a BaseException
+        ``except Exception`` misses) becomes a CheckpointError naming the file."""
+        try:
+            return self.tokenizer.encode_batch(items)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 -- tokenizers' PanicException
+            if isinstance(exc, (TypeError, ValueError)) and not type(exc).__name__.endswith("PanicException"):
+                raise
+            raise CheckpointError(f"{os.path.join(str(self.path), 'tokenizer.json')}: tokenizers failed on this "
+                                  f"input ({type(exc).__name__}: {exc})") from None
 
     def _warn_truncated(self, n_cut, n, what):
         warnings.warn(f"{n_cut} of {n} {what} are longer than the model's {self.config.max_length} tokens; "
@@ -596,12 +611,7 @@ def load(path, *, n_threads=None, quantize=None):
     tokenizer = None
     tok_path = os.path.join(os.fspath(path), "tokenizer.json")
     if os.path.isfile(tok_path):
-        from tokenizers import Tokenizer
-
-        try:
-            tokenizer = Tokenizer.from_file(tok_path)
-        except Exception as exc:  # the Rust library raises plain Exception
-            raise CheckpointError(f"{tok_path}: cannot be read by tokenizers ({exc})") from None
+        tokenizer = load_tokenizer(tok_path)
     return Encoder(cfg, params, tokenizer=tokenizer, n_threads=n_threads, path=os.fspath(path))
 
 
