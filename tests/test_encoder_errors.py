@@ -486,3 +486,29 @@ def test_export_refuses_a_symlinked_destination(tmp_path):
     (tmp_path / "link").symlink_to(real)
     with pytest.raises(FileExistsError, match="symbolic link"):
         pyfff.export(MLM, tmp_path / "link")
+
+
+class PanicException(BaseException):
+    """Stands in for tokenizers' PanicException (a BaseException), which some malformed tokenizer.json files
+    raise at load and others only when encoding (the fuzzer found both)."""
+
+
+def test_tokenizer_panics_become_checkpoint_errors(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer
+
+    model = pyfff.load(MLM)
+
+    class Panicking:
+        def encode_batch(self, items):
+            raise PanicException("index out of bounds: the len is 25 but the index is 25")
+
+    monkeypatch.setattr(model, "tokenizer", Panicking())
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: tokenizers failed on this input \(PanicException"):
+        model.tokenize("a text")
+
+    def panic(path):
+        raise PanicException("bad normalizer")
+
+    monkeypatch.setattr(Tokenizer, "from_file", staticmethod(panic))
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: cannot be read by tokenizers \(PanicException"):
+        pyfff.load(MLM)
