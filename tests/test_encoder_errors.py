@@ -31,6 +31,17 @@ def _copy(tmp_path, src=MLM):
     return dst
 
 
+def _edit_header(folder, edit):
+    """Rewrite model.safetensors with ``edit(header)`` applied to its JSON header (the data bytes unchanged)."""
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
 def _edit_config(folder, edit):
     path = os.path.join(folder, "config.json")
     with open(path, encoding="utf-8") as fh:
@@ -89,15 +100,12 @@ def test_corrupt_safetensors_header(tmp_path):
 def test_corrupt_safetensors_offsets(tmp_path):
     """A header whose sizes disagree with dtype x shape is rejected before any tensor is used."""
     folder = _copy(tmp_path)
-    path = folder / "model.safetensors"
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
     name = "encoder.final_norm.bias"
-    header[name]["shape"] = [header[name]["shape"][0] + 1]
-    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
-    assert len(raw) == n
-    path.write_bytes(data[:8] + raw + data[8 + n:])
+
+    def edit(header):
+        header[name]["shape"] = [header[name]["shape"][0] + 1]
+
+    _edit_header(folder, edit)
     with pytest.raises(CheckpointError, match=name):
         pyfff.load(folder)
 
@@ -363,16 +371,14 @@ def test_tokenizer_larger_than_the_embedding(tmp_path):
 def test_byte_count_check_does_not_wrap(tmp_path):
     """A shape whose element count overflows int64 (2**62 + 1 rows of 4 bytes stored in 16 bytes) is refused."""
     folder = _copy(tmp_path)
-    path = folder / "model.safetensors"
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
     name = "encoder.final_norm.bias"
-    begin = header[name]["data_offsets"][0]
-    header[name]["shape"] = [2 ** 62 + 1, 4]
-    header[name]["data_offsets"] = [begin, begin + 16]
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+    def edit(header):
+        begin = header[name]["data_offsets"][0]
+        header[name]["shape"] = [2 ** 62 + 1, 4]
+        header[name]["data_offsets"] = [begin, begin + 16]
+
+    _edit_header(folder, edit)
     with pytest.raises(CheckpointError, match=rf"{name}.*16 bytes stored"):
         pyfff.load(folder)
 
