@@ -46,11 +46,13 @@ MAX_N_THREADS = max(256, 8 * _N_CPUS)
 
 _threads_used = False       # this process has run a parallel region with more than one thread
 _forked_after_threads = False
+_warned_after_fork = False
 
 
 def _after_fork_in_child():
-    global _forked_after_threads
+    global _forked_after_threads, _warned_after_fork
     _forked_after_threads = _forked_after_threads or _threads_used
+    _warned_after_fork = False                 # each forked process warns once
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -58,16 +60,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _thread_guard(int n_threads):
     """The thread count a kernel may start now: ``n_threads``, or 1 in a child forked after threads were used."""
-    global _threads_used, _forked_after_threads
+    global _threads_used, _warned_after_fork
     if n_threads <= 1:
         return n_threads
     if _forked_after_threads:
-        if _forked_after_threads is True:
+        if not _warned_after_fork:
+            _warned_after_fork = True
             warnings.warn("pyfff: this process was forked after OpenMP threads were used, and OpenMP (libgomp) "
                           "cannot start threads again after fork: pyfff runs single-threaded here (use the "
                           "'spawn' or 'forkserver' start method of multiprocessing for threads in children)",
                           RuntimeWarning, stacklevel=3)
-            _forked_after_threads = 1           # warned
         return 1
     _threads_used = True
     return n_threads

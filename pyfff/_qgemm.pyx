@@ -3,8 +3,9 @@
 The C kernels are in src/qgemm.h: activations quantized per row at run time,
 int8 weights packed once, int32 accumulation, a fused float epilogue (bias,
 GELU, store or add). This module binds one packed weight once (``QLinear``) and
-runs it on row blocks with the GIL released; the encoder's worker threads call
-it on their own rows, so it never starts threads itself.
+runs it on row blocks with the GIL released: the encoder's worker threads call
+it on their own rows with one thread each, and ``forward(..., n_threads=k)``
+splits the output panels over k OpenMP threads (the encoder's few-token mode).
 
 Code paths (``paths()``): the best one this CPU supports is the default;
 ``PYFFF_INT8_PATH=<name>`` (read at import) or ``QLinear(..., path=name)``
