@@ -31,6 +31,7 @@ EXTENSIONS = [
     ("pyfff._openmp_helpers", ["pyfff/_openmp_helpers.pyx"]),
     ("pyfff._fff_cpu", ["pyfff/_fff_cpu.pyx"]),
     ("pyfff._qgemm", ["pyfff/_qgemm.pyx"]),
+    ("pyfff._fff_int8", ["pyfff/_fff_int8.pyx"]),
     ("pyfff._encoder_ops", ["pyfff/_encoder_ops.pyx"]),
 ]
 

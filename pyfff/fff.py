@@ -211,16 +211,7 @@ class FFF:
         x2, lead = self._prepare(x)
         if out is None:
             return self._bound.forward(x2, n_threads).reshape(lead + (self.d_out,))
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
-        if out.shape != lead + (self.d_out,):
-            raise ValueError(f"out must have shape {lead + (self.d_out,)}, got {out.shape}")
-        if out.dtype != self.dtype:
-            raise TypeError(f"out must have the layer's dtype {self.dtype}, got {out.dtype}")
-        if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
-            raise ValueError("out must be C-contiguous, aligned and writeable")
-        if np.may_share_memory(out, x2):
-            raise ValueError("out must not overlap x")
+        _check_out(out, lead + (self.d_out,), self.dtype, x2)
         self._bound.fill(x2, out.reshape(-1, self.d_out), None, self._bound.threads_for(n_threads, x2.shape[0]))
         return out
 
@@ -236,6 +227,25 @@ class FFF:
         r = np.empty((x2.shape[0], self.n_trees, self.depth + 1), dtype=np.int64)
         self._bound.fill(x2, None, r, n_threads)
         return r.reshape(lead + (self.n_trees, self.depth + 1))
+
+    def quantize(self, mode="int8"):
+        """A copy of this layer on quantized rows, with exactly this layer's routes.
+
+        Parameters
+        ----------
+        mode : {"int8"}
+            ``"int8"``: :class:`pyfff.fff_int8.Int8FFF`, int8 input and output rows (one scale per row); every
+            routing decision equals this layer's (a bound on the quantized logit's error decides when a 16-bit
+            logit, or this layer's own float32 logit, is needed). Needs a float32 layer.
+
+        The new layer has the same call interface (``layer(x)``, ``routes``, ``n_threads``, ``out=``); its outputs
+        are within :func:`pyfff.fff_int8.int8_tolerance` of this layer's. See docs/quantized-fff.md.
+        """
+        if mode == "int8":
+            from .fff_int8 import Int8FFF
+
+            return Int8FFF(self)
+        raise ValueError(f"unknown quantization mode {mode!r}; expected 'int8'")
 
     def to_gpu(self):
         """This layer on the current CUDA device (:class:`pyfff.gpu.FFF`; needs CuPy).
@@ -282,6 +292,20 @@ class FFF:
         """With ``n_threads=None``, batches of fewer tokens than this run on the calling thread (about 4.7 M
         multiply-adds of work: 256 tokens at width 768, depth 11)."""
         return self._bound.serial_below
+
+
+def _check_out(out, shape, dtype, x2):
+    """TypeError/ValueError unless ``out`` can take a layer's result of ``shape`` and ``dtype`` for input ``x2``."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have the layer's dtype {dtype}, got {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
+        raise ValueError("out must be C-contiguous, aligned and writeable")
+    if np.may_share_memory(out, x2):
+        raise ValueError("out must not overlap x")
 
 
 def _rebuild(w_in, b_in, w_out, n_trees, activation):
