@@ -10,12 +10,12 @@
             ]
         ],
         "depends": [
+            "/tmp/pip-build-env-6sr6sz5q/overlay/lib/python3.11/site-packages/numpy/_core/include/numpy/arrayobject.h",
+            "/tmp/pip-build-env-6sr6sz5q/overlay/lib/python3.11/site-packages/numpy/_core/include/numpy/arrayscalars.h",
+            "/tmp/pip-build-env-6sr6sz5q/overlay/lib/python3.11/site-packages/numpy/_core/include/numpy/ndarrayobject.h",
+            "/tmp/pip-build-env-6sr6sz5q/overlay/lib/python3.11/site-packages/numpy/_core/include/numpy/ndarraytypes.h",
+            "/tmp/pip-build-env-6sr6sz5q/overlay/lib/python3.11/site-packages/numpy/_core/include/numpy/ufuncobject.h",
             "/work/main/src/fff_quant.h",
-            "/work/venv/lib/python3.11/site-packages/numpy/_core/include/numpy/arrayobject.h",
-            "/work/venv/lib/python3.11/site-packages/numpy/_core/include/numpy/arrayscalars.h",
-            "/work/venv/lib/python3.11/site-packages/numpy/_core/include/numpy/ndarrayobject.h",
-            "/work/venv/lib/python3.11/site-packages/numpy/_core/include/numpy/ndarraytypes.h",
-            "/work/venv/lib/python3.11/site-packages/numpy/_core/include/numpy/ufuncobject.h",
             "src/encoder_ops.h",
             "src/fff_cpu.h",
             "src/fff_kernels.h",
@@ -24,7 +24,7 @@
         ],
         "include_dirs": [
             "/work/main/src",
-            "/work/venv/lib/python3.11/site-packages/numpy/_core/include"
+            "/tmp/pip-build-env-6sr6sz5q/overlay/lib/python3.11/site-packages/numpy/_core/include"
         ],
         "name": "pyfff._fff_int8",
         "sources": [
