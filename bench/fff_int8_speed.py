@@ -13,17 +13,9 @@ import time
 
 import numpy as np
 
+from interleave import _median_time  # bench/interleave.py (this script's folder)
+
 from pyfff import FFF
-
-
-def _median_us_per_token(fn, n, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) / n * 1e6
 
 
 def main(argv=None):
@@ -43,8 +35,8 @@ def main(argv=None):
         x = np.random.default_rng(batch).standard_normal((batch, args.width)).astype(np.float32)
         y = np.empty((batch, args.width), np.float32)
         repeat = 2000 if batch == 1 else max(5, 40000 // batch)
-        t_f = _median_us_per_token(lambda: layer(x, args.threads, out=y), batch, repeat)
-        t_q = _median_us_per_token(lambda: q(x, args.threads, out=y), batch, repeat)
+        t_f = _median_time(lambda: layer(x, args.threads, out=y), repeat) / batch * 1e6
+        t_q = _median_time(lambda: q(x, args.threads, out=y), repeat) / batch * 1e6
         st = q.last_stats
         same = np.array_equal(q.routes(x), layer.routes(x))
         print(f"| {batch} | {t_f:.3f} | {t_q:.3f} | {t_f / t_q:.2f}x | {st['level2'] / st['nodes']:.3f} | "
