@@ -9,10 +9,8 @@ float32 layer's::
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
-
 from interleave import _median_time  # bench/interleave.py (this script's folder)
 
 from pyfff import FFF
@@ -35,8 +33,8 @@ def main(argv=None):
         x = np.random.default_rng(batch).standard_normal((batch, args.width)).astype(np.float32)
         y = np.empty((batch, args.width), np.float32)
         repeat = 2000 if batch == 1 else max(5, 40000 // batch)
-        t_f = _median_time(lambda: layer(x, args.threads, out=y), repeat) / batch * 1e6
-        t_q = _median_time(lambda: q(x, args.threads, out=y), repeat) / batch * 1e6
+        t_f = _median_time(lambda x=x, y=y: layer(x, args.threads, out=y), repeat) / batch * 1e6
+        t_q = _median_time(lambda x=x, y=y: q(x, args.threads, out=y), repeat) / batch * 1e6
         st = q.last_stats
         same = np.array_equal(q.routes(x), layer.routes(x))
         print(f"| {batch} | {t_f:.3f} | {t_q:.3f} | {t_f / t_q:.2f}x | {st['level2'] / st['nodes']:.3f} | "

@@ -48,9 +48,8 @@ def _check(layer, q, x):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("batch", BATCHES)
 def test_routes_and_outputs(case, batch):
-    d_in, d_out, depth, n_trees = case
     layer = _layer(*case)
-    _check(layer, layer.quantize("int8"), _x(batch, d_in))
+    _check(layer, layer.quantize("int8"), _x(batch, case[0]))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
@@ -119,7 +118,6 @@ def test_logits_just_inside_and_outside_the_bound(offset):
     layer = _layer(64, 8, 0, 1, seed=3)
     x = _x(1, 64)
     q0 = layer.quantize("int8")
-    _, _, level, bound = int8_reference(q0, x)
     z = float(layer.w_in[0].astype(np.float64) @ x[0].astype(np.float64))
     b1 = np.float32(-z + offset * 0.3 * _level1_bound(q0, x))
     shifted = FFF(layer.w_in, np.array([b1], np.float32), layer.w_out)
