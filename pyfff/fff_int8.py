@@ -56,12 +56,27 @@ def _pad_cols(a, width):
     return out
 
 
+def _quantize_out_rows(w_out):
+    """int8 output rows (rows, d_out) as float64 integers, and their float32 scales (as float64)."""
+    wo = np.asarray(w_out, dtype=np.float64)
+    s_out = _row_scales(wo)
+    return np.clip(np.rint(wo / s_out[:, None]), -127, 127), s_out
+
+
+def _pack_out_rows(q_out):
+    """Output rows padded to blocks of 64 columns, byte 4 i + k of a block holding column 16 k + i (the order
+    fff_quant.h widens them in: two shifts of an int32 lane)."""
+    padded = _pad_cols(q_out.astype(np.int8), _padded(q_out.shape[1]))
+    rows, dp = padded.shape
+    return np.ascontiguousarray(padded.reshape(rows, dp // 64, 4, 16).transpose(0, 1, 3, 2)).reshape(rows, dp)
+
+
 def prepare_int8(w_in, b_in, w_out):
     """The arrays of the int8 kernel for float32 ``w_in`` (rows, d_in), ``b_in`` (rows,) or None, ``w_out``.
 
     Returns a dict: ``q``, ``q2`` (rows, d_in padded to 64) int8 input rows and residuals; ``rec`` (rows, 9) float64
     per-row record (bound terms E1, N1, E2, N2, C; scale; bias; sum q; sum q2); ``q_out`` (rows, d_out padded)
-    int8 and ``s_out`` (rows,) float32 output rows; ``w_in`` and ``b_in`` as given (float32).
+    int8 (packed, see ``_pack_out_rows``) and ``s_out`` (rows,) float32 output rows; ``w_in`` and ``b_in`` as given (float32).
     """
     w = np.asarray(w_in, dtype=np.float64)
     d_in = w.shape[1]
@@ -84,14 +99,12 @@ def prepare_int8(w_in, b_in, w_out):
     rec[:, 6] = b
     rec[:, 7] = q.sum(axis=1)
     rec[:, 8] = q2.sum(axis=1)
-    wo = np.asarray(w_out, dtype=np.float64)
-    s_out = _row_scales(wo)
-    q_out = np.clip(np.rint(wo / s_out[:, None]), -127, 127)
+    q_out, s_out = _quantize_out_rows(w_out)
     return {
         "q": _pad_cols(q.astype(np.int8), _padded(d_in)),
         "q2": _pad_cols(q2.astype(np.int8), _padded(d_in)),
         "rec": rec,
-        "q_out": _pad_cols(q_out.astype(np.int8), _padded(wo.shape[1])),
+        "q_out": _pack_out_rows(q_out),
         "s_out": s_out.astype(np.float32),
         "w_in": w_in,
         "b_in": b_in,
@@ -99,20 +112,32 @@ def prepare_int8(w_in, b_in, w_out):
 
 
 def _quantize_tokens(x):
-    """16-bit token codes as fff_quant.h makes them: (h, l, sx, zp, |x|, |x - x2|), float64 maths."""
+    """16-bit token codes as fff_quant.h makes them, in float32: (h, l, sx, zp, |x| bound, |x - x2| bound, ok).
+
+    ``ok`` is False for tokens the kernel does not quantize (NaN, infinity, or a range below 2^-100): those take
+    the float32 logit at every node."""
     x32 = np.asarray(x, dtype=np.float32)
+    n, d = x32.shape
     lo = np.minimum(x32.min(axis=1, initial=0), 0).astype(np.float64)
     hi = np.maximum(x32.max(axis=1, initial=0), 0).astype(np.float64)
     rng = hi - lo
-    sx = np.where(rng > 0, (rng / _XMAX).astype(np.float32), np.float32(1)).astype(np.float64)
-    inv = 1.0 / sx
-    zp = np.rint(-lo * inv)
-    xd = x32.astype(np.float64)
-    c = np.clip(np.rint(xd * inv[:, None]) + zp[:, None], 0, _XMAX)
-    h = np.floor((c + 128) / 256)
+    ok = np.isfinite(x32).all(axis=1) & ~((rng > 0) & (rng < 2.0**-100))
+    with np.errstate(all="ignore"):
+        sx = np.where(rng > 0, (rng / _XMAX).astype(np.float32), np.float32(1)).astype(np.float32)
+        sx[~ok] = 1
+        inv = (np.float32(1) / sx).astype(np.float32)
+        zp = np.rint(-lo.astype(np.float32) * inv).astype(np.float32)
+        t = x32 * inv[:, None]
+        c = np.clip(np.rint(t) + zp[:, None], 0, _XMAX).astype(np.float32)
+        r = (t - (c - zp[:, None])).astype(np.float64)
+    h = np.floor((c.astype(np.float64) + 128) / 256)
     l = c - 256 * h + 128
-    x2 = sx[:, None] * (c - zp[:, None])
-    return h, l, sx, zp, _norms(xd), _norms(xd - x2)
+    u = 2.0**-24
+    g = (d + 16) * u / (1 - (d + 16) * u)
+    sum_t = np.einsum("ij,ij->i", t.astype(np.float64), t.astype(np.float64))
+    nx = sx * np.sqrt(sum_t / (1 - g)) * (1 + 2.01 * u) / (1 - 2.01 * u) * _UP
+    ex = (sx * np.sqrt(np.einsum("ij,ij->i", r, r) / (1 - g)) + 2.01 * u * nx) * _UP
+    return h, l, sx.astype(np.float64), zp.astype(np.float64), nx, ex, ok
 
 
 def _decides(z, bound, b):
@@ -130,7 +155,7 @@ def int8_reference(layer, x):
     a = layer._arrays
     x = np.asarray(x, dtype=np.float32)
     n = x.shape[0]
-    h, l, sx, zp, nx, ex = _quantize_tokens(x)
+    h, l, sx, zp, nx, ex, ok = _quantize_tokens(x)
     n_lev = layer.depth + 1
     q, q2, rec = a["q"][:, :layer.d_in].astype(np.int64), a["q2"][:, :layer.d_in].astype(np.int64), a["rec"]
     w_in = np.asarray(a["w_in"], dtype=np.float64)
@@ -153,8 +178,8 @@ def int8_reference(layer, x):
             z2 = sx * s / 256 * a2 + b
             B2 = nx * e2 + ex * n2 + c
             zf = (np.einsum("ij,ij->i", w_in[r], x.astype(np.float64)) + b).astype(np.float32)
-            d1 = _decides(z1, B1, b)
-            d2 = ~d1 & _decides(z2, B2, b)
+            d1 = ok & _decides(z1, B1, b)
+            d2 = ok & ~d1 & _decides(z2, B2, b)
             z = np.where(d1, z1, np.where(d2, z2, zf)).astype(np.float32)
             level[:, t, lev] = np.where(d1, 1, np.where(d2, 2, 3))
             bound[:, t, lev] = np.where(d1, B1, np.where(d2, B2, 0.0))
@@ -163,7 +188,8 @@ def int8_reference(layer, x):
             rows[:, t, lev] = r
             node = 2 * node + 1 + (z > 0)
     act = apply_activation(logit.astype(np.float64), layer.activation) * a["s_out"][rows]
-    y = np.einsum("ntk,ntkd->nd", act, a["q_out"][rows][..., :layer.d_out].astype(np.float64))
+    q_out, _ = _quantize_out_rows(layer.float_layer.w_out)
+    y = np.einsum("ntk,ntkd->nd", act, q_out[rows])
     return y, routes, level, bound
 
 

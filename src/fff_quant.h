@@ -78,7 +78,7 @@
 enum { FQ_E1, FQ_N1, FQ_E2, FQ_N2, FQ_C, FQ_S, FQ_B, FQ_SUMQ, FQ_SUMQ2, FQ_NF };
 
 /* Per-token quantities (doubles) in the tile's scratch. */
-enum { FQ_TSX, FQ_TZP, FQ_TNX, FQ_TEX, FQ_TFINITE, FQ_TN };
+enum { FQ_TSX, FQ_TZP, FQ_TNX, FQ_TEX, FQ_TFINITE, FQ_TN }; /* FQ_TFINITE: the token was quantized */
 
 /* Fallback counters of one call. */
 typedef struct {
@@ -171,9 +171,15 @@ static fq_dot_fn fq_dot_for(int path)
 /* Round a non-negative double up by a relative 2^-40 (covers the roundings of a norm's computation). */
 static inline double fq_up(double v) { return v * (1.0 + 0x1p-40); }
 
-/* Quantize one token (see the header comment); writes h, l (kp bytes each, zero-padded) and tq[FQ_TN].
- * Eight elements at a time in double precision with explicit vectors (rint by the 1.5 * 2^52 shift, exact for
- * |v| < 2^51), so that the norms' sums vectorise without -ffast-math; their order does not matter to the bounds. */
+/* Quantize one token (see the header comment); writes h, l (kp bytes each; past d_in they meet zero weights) and
+ * tq[FQ_TN].
+ * All in float32, 16 lanes at a time with explicit vectors:
+ *   t = x * inv (inv = fl(1/sx)),  c = clamp(rint(t) + zp, 0, FQ_XMAX),  r = t - (c - zp) (exact),
+ * so x / sx - (c - zp) = r + (x / sx - t) with |x / sx - t| <= 2.01 u |x| / sx (two roundings), and
+ *   |x - x2| = sx |x / sx - (c - zp)| <= sx |r| + 2.01 u |x|,   |x| <= sx |t| (1 + 2.01 u) / (1 - 2.01 u).
+ * The sums of squares are of code-sized numbers (no underflow worth a bound: |t|^2 >= (FQ_XMAX / 2)^2 for the
+ * largest element) and carry a relative error of at most g = (d_in + 16) u / (1 - (d_in + 16) u) in any order,
+ * so they are divided by 1 - g; every final step is rounded up in double. */
 FFF_INLINE void fq_quantize_token(const float *x, ptrdiff_t d_in, ptrdiff_t kp, uint8_t *h, uint8_t *l, double *tq)
 {
     typedef float vf16 __attribute__((vector_size(64)));
@@ -203,50 +209,57 @@ FFF_INLINE void fq_quantize_token(const float *x, ptrdiff_t d_in, ptrdiff_t kp, 
         hi = x[j] > hi ? x[j] : hi;
         finite &= x[j] - x[j] == 0.0f;
     }
-    memset(h, 0, (size_t)kp);
-    memset(l, 0, (size_t)kp);
-    tq[FQ_TFINITE] = finite;
+    tq[FQ_TFINITE] = finite; /* 0: no codes; the token takes the float32 logit at every node */
     if (!finite) {
         tq[FQ_TSX] = tq[FQ_TZP] = tq[FQ_TNX] = tq[FQ_TEX] = 0.0;
         return;
     }
     const double range = (double)hi - (double)lo;
+    if (range > 0.0 && range < 0x1p-100) { /* 1 / sx could overflow: every logit of this token in float32 */
+        tq[FQ_TFINITE] = 0.0;
+        return;
+    }
     const float sx = range > 0.0 ? (float)(range / FQ_XMAX) : 1.0f; /* the scale: a float, so sx * code is exact */
-    const double inv = 1.0 / (double)sx;
-    const double zp = rint(-(double)lo * inv);
-    typedef int64_t vi8 __attribute__((vector_size(64)));
-    typedef double vd8 __attribute__((vector_size(64)));
-    typedef float vf8 __attribute__((vector_size(32)));
-    const vd8 shift = (vd8){0} + 6755399441055744.0, zpv = (vd8){0} + zp, sxv = (vd8){0} + (double)sx;
-    vd8 nx = {0}, e2 = {0};
-    for (ptrdiff_t j = 0; j < d_in; j += 8) {
-        float xin[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* a zero tail adds nothing to the sums */
-        memcpy(xin, x + j, (size_t)(d_in - j < 8 ? d_in - j : 8) * sizeof(float));
-        vf8 xf;
-        memcpy(&xf, xin, sizeof xf);
-        const vd8 xd = __builtin_convertvector(xf, vd8);
-        vi8 c = __builtin_convertvector(((xd * inv + shift) - shift) + zpv, vi8);
-        c = (c & ~(c < 0));                                   /* clamp to [0, FQ_XMAX] */
-        const vi8 over = c > FQ_XMAX;
-        c = (c & ~over) | ((vi8){0} + FQ_XMAX & over);
-        const vi8 hv = (c + 128) >> 8, lv = c - 256 * hv + 128;
-        for (int t = 0; t < 8; t++) { /* the padding past d_in meets zero weights */
-            h[j + t] = (uint8_t)hv[t];
-            l[j + t] = (uint8_t)lv[t];
+    const float inv = 1.0f / sx;
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer (|t| < 2^22) */
+    const float zp = ((-lo * inv) + shift) - shift;
+    typedef uint8_t vb16 __attribute__((vector_size(16)));
+    const vf16 shiftv = (vf16){0} + shift, zpv = (vf16){0} + zp, invv = (vf16){0} + inv;
+    const vf16 zero = {0}, top = (vf16){0} + (float)FQ_XMAX;
+    vf16 st = {0}, sr = {0}; /* 16 lanes of sums, in registers */
+    for (ptrdiff_t j = 0; j < d_in; j += 16) {
+        vf16 xv;
+        if (j + 16 <= d_in) {
+            memcpy(&xv, x + j, sizeof xv);
+        } else { /* a zero tail: codes of 0 (meeting zero weights), nothing added to the sums */
+            float xin[16] = {0};
+            memcpy(xin, x + j, (size_t)(d_in - j) * sizeof(float));
+            memcpy(&xv, xin, sizeof xv);
         }
-        const vd8 r = xd - sxv * (__builtin_convertvector(c, vd8) - zpv);
-        nx += xd * xd;
-        e2 += r * r;
+        const vf16 t = xv * invv;
+        vf16 c = ((t + shiftv) - shiftv) + zpv;
+        c = (vf16)((vi16)c & ~(c < zero)); /* clamp to [0, FQ_XMAX] */
+        const vi16 over = c > top;
+        c = (vf16)(((vi16)c & ~over) | ((vi16)top & over));
+        const vi16 ci = __builtin_convertvector(c, vi16), hv = (ci + 128) >> 8, lv = ci - 256 * hv + 128;
+        const vb16 hb = __builtin_convertvector(hv, vb16), lb = __builtin_convertvector(lv, vb16);
+        memcpy(h + j, &hb, 16); /* h and l hold kp >= d_in rounded up to 16 bytes */
+        memcpy(l + j, &lb, 16);
+        const vf16 rv = t - (c - zpv);
+        st += t * t;
+        sr += rv * rv;
     }
-    double snx = 0.0, se2 = 0.0;
-    for (int t = 0; t < 8; t++) {
-        snx += nx[t];
-        se2 += e2[t];
+    double sum_t = 0.0, sum_r = 0.0;
+    for (int k = 0; k < 16; k++) {
+        sum_t += st[k];
+        sum_r += sr[k];
     }
+    const double u = 0x1p-24, g = (double)(d_in + 16) * u / (1.0 - (double)(d_in + 16) * u);
+    const double nx = fq_up((double)sx * sqrt(sum_t / (1.0 - g)) * (1.0 + 2.01 * u) / (1.0 - 2.01 * u));
     tq[FQ_TSX] = sx;
     tq[FQ_TZP] = zp;
-    tq[FQ_TNX] = fq_up(sqrt(snx));
-    tq[FQ_TEX] = fq_up(sqrt(se2));
+    tq[FQ_TNX] = nx;
+    tq[FQ_TEX] = fq_up((double)sx * sqrt(sum_r / (1.0 - g)) + 2.01 * u * nx);
 }
 
 /* ------------------------------------------------------------ one node */
@@ -288,23 +301,58 @@ FFF_INLINE float fq_logit(fq_dot_fn dot, const float *x, const uint8_t *h, const
 
 /* ------------------------------------------------------------ output rows */
 
-/* y[0:d_out] = sum_k a[k] q_out[rows[k]] (a already scaled by s_out), summed in k order, 64 columns at a time
- * (plain loops: the ISA clones of fq_forward_tile vectorise them, each output block held in registers). */
-FFF_INLINE void fq_path_sum(float *y, const int8_t *q_out, ptrdiff_t dp, ptrdiff_t d_out, const int32_t *rows,
-                            const float *a, int n_path)
+/* Output rows are packed in blocks of 64 columns, byte 4 i + k of a block holding column 16 k + i (prepare_int8):
+ * read as 16 int32 lanes, lane i's byte k is column 16 k + i, so two shifts give 16 consecutive columns. */
+typedef int32_t fq_vi __attribute__((vector_size(64)));
+typedef float fq_vf __attribute__((vector_size(64)));
+#define FQ_WIDEN(v, k) __builtin_convertvector(((v) << (24 - 8 * (k))) >> 24, fq_vf)
+
+/* ys[j][0:d_out] = sum_k as[j][k] q_out[rows[j][k]] for m <= FQ_CHUNK tokens (activations already scaled by
+ * s_out), each summed in k order.  Tokens in leaf order share their upper rows: a row all m tokens share is
+ * loaded and widened once.  A token's sums do not depend on the other tokens of its chunk. */
+FFF_INLINE void fq_path_sum(float *const *ys, const int8_t *q_out, ptrdiff_t dp, ptrdiff_t d_out,
+                            const int32_t *const *rows, const float *const *as, int m, int n_path)
 {
     for (ptrdiff_t c = 0; c < d_out; c += 64) {
-        float s[64];
-        const int8_t *w = q_out + (ptrdiff_t)rows[0] * dp + c;
-        for (int j = 0; j < 64; j++)
-            s[j] = a[0] * (float)w[j];
-        for (int k = 1; k < n_path; k++) {
-            const float ak = a[k];
-            w = q_out + (ptrdiff_t)rows[k] * dp + c;
-            for (int j = 0; j < 64; j++)
-                s[j] += ak * (float)w[j];
+        fq_vf s[FQ_CHUNK][4];
+        for (int j = 0; j < FQ_CHUNK; j++)
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = (fq_vf){0};
+        for (int k = 0; k < n_path; k++) {
+            int shared = 1;
+            for (int j = 1; j < m; j++)
+                shared &= rows[j][k] == rows[0][k];
+            if (shared) {
+                fq_vi v;
+                memcpy(&v, q_out + (ptrdiff_t)rows[0][k] * dp + c, sizeof v);
+                const fq_vf w0 = FQ_WIDEN(v, 0), w1 = FQ_WIDEN(v, 1), w2 = FQ_WIDEN(v, 2), w3 = FQ_WIDEN(v, 3);
+                for (int j = 0; j < FQ_CHUNK; j++) {
+                    if (j < m) {
+                        const float a = as[j][k];
+                        s[j][0] += a * w0, s[j][1] += a * w1, s[j][2] += a * w2, s[j][3] += a * w3;
+                    }
+                }
+            } else {
+                for (int j = 0; j < FQ_CHUNK; j++) {
+                    if (j < m) {
+                        fq_vi v;
+                        memcpy(&v, q_out + (ptrdiff_t)rows[j][k] * dp + c, sizeof v);
+                        const float a = as[j][k];
+                        s[j][0] += a * FQ_WIDEN(v, 0), s[j][1] += a * FQ_WIDEN(v, 1);
+                        s[j][2] += a * FQ_WIDEN(v, 2), s[j][3] += a * FQ_WIDEN(v, 3);
+                    }
+                }
+            }
         }
-        memcpy(y + c, s, (size_t)(d_out - c < 64 ? d_out - c : 64) * sizeof(float));
+        const size_t n_c = (size_t)(d_out - c < 64 ? d_out - c : 64);
+        for (int j = 0; j < m; j++) {
+            if (n_c == 64) {
+                memcpy(ys[j] + c, s[j], sizeof s[j]);
+            } else {
+                float buf[64];
+                memcpy(buf, s[j], sizeof buf);
+                memcpy(ys[j] + c, buf, n_c * sizeof(float));
+            }
+        }
     }
 }
 
@@ -402,10 +450,18 @@ static void fq_forward_tile(fq_dot_fn dot, const fq_layer *L, const float *x, pt
         fff_sort_by_node_f32(order, order2, node, n, ((ptrdiff_t)2 << L->depth) - 1, L->depth + 1, count);
         memcpy(order, order2, (size_t)n * sizeof(int32_t));
     }
-    for (ptrdiff_t k = 0; k < n; k++) {
-        const ptrdiff_t i = order[k];
-        fq_path_sum(y + i * ldy, L->q_out, L->dp, L->d_out, path + (size_t)i * n_path, acts + (size_t)i * n_path,
-                    n_path);
+    for (ptrdiff_t k0 = 0; k0 < n; k0 += FQ_CHUNK) {
+        const int m = n - k0 < FQ_CHUNK ? (int)(n - k0) : FQ_CHUNK;
+        float *ys[FQ_CHUNK];
+        const int32_t *rows[FQ_CHUNK];
+        const float *as[FQ_CHUNK];
+        for (int j = 0; j < m; j++) {
+            const ptrdiff_t i = order[k0 + j];
+            ys[j] = y + i * ldy;
+            rows[j] = path + (size_t)i * n_path;
+            as[j] = acts + (size_t)i * n_path;
+        }
+        fq_path_sum(ys, L->q_out, L->dp, L->d_out, rows, as, m, n_path);
     }
 }
 
