@@ -89,10 +89,15 @@ cdef class Int8Kernel:
         self._n_threads_fn = n_threads_fn
         self._scratch_lock = threading.Lock()
 
-    def forward(self, object x, object n_threads):
-        """y = layer(x) for a C-contiguous float32 (n, d_in) x, with stats; NotImplemented for anything else."""
+    def forward(self, object x, object n_threads, object out=None):
+        """(y, stats) for a C-contiguous float32 (n, d_in) x (and out, if given, a C-contiguous, aligned, writeable
+        float32 (n, d_out) array not overlapping x); NotImplemented for anything else (Int8FFF then prepares and
+        validates)."""
         cdef cnp.ndarray xa
+        cdef cnp.ndarray y
         cdef cnp.npy_intp dims[2]
+        cdef char *x_lo
+        cdef char *y_lo
         if type(x) is not cnp.ndarray:
             return NotImplemented
         xa = <cnp.ndarray>x
@@ -102,7 +107,21 @@ cdef class Int8Kernel:
             return NotImplemented
         dims[0] = cnp.PyArray_DIM(xa, 0)
         dims[1] = self.L.d_out
-        y = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+        if out is None:
+            y = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+        else:
+            if type(out) is not cnp.ndarray:
+                return NotImplemented
+            y = <cnp.ndarray>out
+            if (cnp.PyArray_TYPE(y) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(y) != 2 or cnp.PyArray_DIM(y, 0) != dims[0]
+                    or cnp.PyArray_DIM(y, 1) != dims[1] or not cnp.PyArray_IS_C_CONTIGUOUS(y)
+                    or not cnp.PyArray_ISNOTSWAPPED(y) or not cnp.PyArray_ISALIGNED(y)
+                    or not cnp.PyArray_ISWRITEABLE(y)):
+                return NotImplemented
+            x_lo = <char *>cnp.PyArray_DATA(xa)
+            y_lo = <char *>cnp.PyArray_DATA(y)
+            if dims[0] > 0 and (x_lo < y_lo + cnp.PyArray_NBYTES(y)) and (y_lo < x_lo + cnp.PyArray_NBYTES(xa)):
+                return NotImplemented  # overlapping x: refused with a message by Int8FFF
         return y, self.fill(xa, y, None, self.threads_for(n_threads, dims[0]))
 
     def threads_for(self, object n_threads, Py_ssize_t n):

@@ -269,11 +269,10 @@ class Int8FFF:
 
     def __call__(self, x, n_threads=None, *, out=None):
         """Apply the layer; see :meth:`pyfff.FFF.__call__` (same arguments, shapes and errors)."""
-        if out is None:
-            fast = self._kernel.forward(x, n_threads)  # (n, d_in) C-contiguous float32
-            if fast is not NotImplemented:
-                self._note(fast[1])
-                return fast[0]
+        fast = self._kernel.forward(x, n_threads, out)  # (n, d_in) C-contiguous float32 (and a matching out)
+        if fast is not NotImplemented:
+            self._note(fast[1])
+            return fast[0]
         from .fff import _check_out
 
         x2, lead = self.float_layer._prepare(x)
