@@ -15,7 +15,7 @@
  * Per row, one record of FQ_NF doubles (FQ_E1 .. FQ_SUMQ2 below).
  *
  * Tokens are quantized at run time to 16 bits, asymmetric, with 0 exact:
- *   c_i = clamp(rint(x_i / sx) + zp, 0, FQ_XMAX),  x_i ~= sx (c_i - zp),
+ *   c_i = clamp(rint(x_i * fl(1 / sx)) + zp, 0, FQ_XMAX),  x_i ~= sx (c_i - zp),
  * split into a high byte h_i = (c_i + 128) >> 8 (0..255) and a low part
  * l_i = c_i - 256 h_i + 128 (0..255); x2 = sx (c - zp) = sx (256 h + l - 128 - zp).
  *
@@ -46,9 +46,8 @@
  * (times 1 + 2^-40 for the roundings of the bound itself), zf lies strictly on
  * zk's side of 0: the same decision (right iff > 0), and zf != 0.  A float32
  * logit of exactly 0 can therefore never be decided by a level: it always
- * reaches the float32 fallback.  Token norms |x| and |x - x2| are
- * computed in double from exact products (sx is a float, codes have 17 bits)
- * and likewise rounded up.
+ * reaches the float32 fallback.  Upper bounds on the token norms |x| and |x - x2|
+ * come from fq_quantize_token, whose comment derives them.
  *
  * Activations use the logit that decided (z1, z2 or zf, rounded to float), so
  * outputs differ from the float32 layer by the output rows' rounding (at most
