@@ -1,7 +1,8 @@
 """The int8 FFF layer against the float32 layer it was made from: time per token, fallback rates, bytes.
 
 One process, same core(s), width 768, depth 11 (UltraFastBERT-1x11's FFF shape) unless told otherwise; medians of
-repeated calls with preallocated outputs. Also checks, beside every timing, that the int8 layer's routes equal the
+repeated calls with preallocated outputs, each call on new tokens (a cycle of distinct inputs, at least 4096 tokens in
+all, as bench/README.md explains: a batch-1 call on the same token again finds its rows in cache). Also checks, beside every timing, that the int8 layer's routes equal the
 float32 layer's::
 
     python bench/fff_int8_speed.py [--batch 1,2048,16384] [--threads 1] [--width 768] [--depth 11]
@@ -30,13 +31,20 @@ def main(argv=None):
           "routes equal |")
     print("|---|---|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch.split(",")):
-        x = np.random.default_rng(batch).standard_normal((batch, args.width)).astype(np.float32)
+        rng = np.random.default_rng(batch)
+        xs = [rng.standard_normal((batch, args.width)).astype(np.float32) for _ in range(-(-4096 // batch))]
         y = np.empty((batch, args.width), np.float32)
-        repeat = 2000 if batch == 1 else max(5, 40000 // batch)
-        t_f = _median_time(lambda x=x, y=y: layer(x, args.threads, out=y), repeat) / batch * 1e6
-        t_q = _median_time(lambda x=x, y=y: q(x, args.threads, out=y), repeat) / batch * 1e6
-        st = q.last_stats
+        repeat = 4096 if batch == 1 else max(5, 40000 // batch)
+
+        def cycle(fn, xs=xs):
+            it = iter(range(1 << 62))
+            return lambda: fn(xs[next(it) % len(xs)])
+
+        t_f = _median_time(cycle(lambda x, y=y: layer(x, args.threads, out=y)), repeat) / batch * 1e6
+        t_q = _median_time(cycle(lambda x, y=y: q(x, args.threads, out=y)), repeat) / batch * 1e6
+        x = np.concatenate(xs)                 # shares and the route check over every token timed
         same = np.array_equal(q.routes(x), layer.routes(x))
+        st = q.last_stats
         print(f"| {batch} | {t_f:.3f} | {t_q:.3f} | {t_f / t_q:.2f}x | {st['level2'] / st['nodes']:.3f} | "
               f"{st['float32'] / st['nodes']:.4f} | {same} |", flush=True)
     rows = layer.n_neurons
