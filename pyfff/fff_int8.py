@@ -117,7 +117,7 @@ def _quantize_tokens(x):
     ``ok`` is False for tokens the kernel does not quantize (NaN, infinity, or a range below 2^-100): those take
     the float32 logit at every node."""
     x32 = np.asarray(x, dtype=np.float32)
-    n, d = x32.shape
+    d = x32.shape[1]
     lo = np.minimum(x32.min(axis=1, initial=0), 0).astype(np.float64)
     hi = np.maximum(x32.max(axis=1, initial=0), 0).astype(np.float64)
     rng = hi - lo
