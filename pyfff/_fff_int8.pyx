@@ -61,14 +61,13 @@ cdef class Int8Kernel:
     cdef void *_scratch             # reused by calls (fresh pages cost a fifth of a serial call, more on threads)
     cdef size_t _scratch_bytes
     cdef object _scratch_lock
-    cdef readonly Py_ssize_t serial_below
-    cdef object _n_threads_fn
+    cdef object _threads_for         # the float32 layer's BoundLayer.threads_for: the same thread policy
 
     def __dealloc__(self):
         free(self._scratch)
 
     def __cinit__(self, dict arrays, Py_ssize_t d_in, Py_ssize_t d_out, int depth, int n_trees, int act,
-                  Py_ssize_t serial_below, n_threads_fn, path=None):
+                  threads_for, path=None):
         cdef Py_ssize_t n_rows = n_trees * ((<Py_ssize_t>2 << depth) - 1)
         cdef Py_ssize_t kp = (d_in + FQ_KB - 1) // FQ_KB * FQ_KB
         cdef Py_ssize_t dp = (d_out + FQ_KB - 1) // FQ_KB * FQ_KB
@@ -85,8 +84,7 @@ cdef class Int8Kernel:
         self.L.d_in, self.L.kp, self.L.d_out, self.L.dp = d_in, kp, d_out, dp
         self.L.depth, self.L.n_trees, self.L.act = depth, n_trees, act
         self.path_index = _path_index(default_path() if path is None else path)
-        self.serial_below = serial_below
-        self._n_threads_fn = n_threads_fn
+        self._threads_for = threads_for
         self._scratch_lock = threading.Lock()
 
     def forward(self, object x, object n_threads, object out=None):
@@ -122,18 +120,20 @@ cdef class Int8Kernel:
             y_lo = <char *>cnp.PyArray_DATA(y)
             if dims[0] > 0 and (x_lo < y_lo + cnp.PyArray_NBYTES(y)) and (y_lo < x_lo + cnp.PyArray_NBYTES(xa)):
                 return NotImplemented  # overlapping x: refused with a message by Int8FFF
-        return y, self.fill(xa, y, None, self.threads_for(n_threads, dims[0]))
-
-    def threads_for(self, object n_threads, Py_ssize_t n):
-        """Threads for n tokens: as given (validated), or for None all usable cores unless n < serial_below."""
-        if n_threads is None and n < self.serial_below:
-            return 1
-        return self._n_threads_fn(n_threads)
+        return y, self.fill(xa, y, None, self._threads_for(n_threads, dims[0]))
 
     @property
     def path(self):
         """The int8 code path of the integer dot products."""
         return PATH_NAMES[self.path_index]
+
+    cdef inline void _tile(self, fq_dot_fn dot, const float *xp, float *yp, int64_t *rp, Py_ssize_t start,
+                           Py_ssize_t stop, void *scratch, fq_stats *st) noexcept nogil:
+        """Tokens [start, stop) of the call as one tile."""
+        cdef Py_ssize_t n_path = self.L.n_trees * (self.L.depth + 1)
+        fq_forward_tile(dot, &self.L, xp + start * self.L.d_in, self.L.d_in, stop - start,
+                        yp + start * self.L.d_out if yp != NULL else NULL, self.L.d_out,
+                        rp + start * n_path if rp != NULL else NULL, scratch, st)
 
     cdef void *_take_scratch(self, size_t n_bytes) except NULL:
         """The cached scratch (grown to n_bytes) if no other call holds it, else fresh memory."""
@@ -187,7 +187,7 @@ cdef class Int8Kernel:
         cdef fq_stats *per_tile
         cdef char *base
         cdef void *scratch
-        cdef Py_ssize_t i, start
+        cdef Py_ssize_t i
         cdef int64_t lv2 = 0, exact = 0
         total.level2 = 0
         total.exact = 0
@@ -197,10 +197,7 @@ cdef class Int8Kernel:
             scratch = self._take_scratch(n_bytes)
             with nogil:
                 for i in range(n_tiles):
-                    start = i * t_size
-                    fq_forward_tile(dot, &self.L, xp + start * self.L.d_in, self.L.d_in, min(t_size, n - start),
-                                    yp + start * self.L.d_out if yp != NULL else NULL, self.L.d_out,
-                                    rp + start * n_path if rp != NULL else NULL, scratch, &total)
+                    self._tile(dot, xp, yp, rp, i * t_size, min((i + 1) * t_size, n), scratch, &total)
             self._give_scratch(scratch)
             return (n * n_path, total.level2, total.exact)
         per_tile = <fq_stats *>calloc(n_tiles, sizeof(fq_stats))
@@ -214,11 +211,8 @@ cdef class Int8Kernel:
             raise
         with nogil, parallel(num_threads=nt):
             for i in prange(n_tiles, schedule="static"):
-                start = i * t_size
-                fq_forward_tile(dot, &self.L, xp + start * self.L.d_in, self.L.d_in, min(t_size, n - start),
-                                yp + start * self.L.d_out if yp != NULL else NULL, self.L.d_out,
-                                rp + start * n_path if rp != NULL else NULL, base + threadid() * n_bytes,
-                                &per_tile[i])
+                self._tile(dot, xp, yp, rp, i * t_size, min((i + 1) * t_size, n), base + threadid() * n_bytes,
+                           &per_tile[i])
         self._give_scratch(base)
         for i in range(n_tiles):
             lv2 += per_tile[i].level2

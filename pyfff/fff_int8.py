@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _fff_int8
-from ._openmp_helpers import _openmp_effective_n_threads
+from .quantize import MAX_K, _symmetric_int8
 from .reference import apply_activation
 
 __all__ = ["Int8FFF", "int8_reference", "int8_tolerance", "prepare_int8"]
@@ -43,24 +43,17 @@ def _norms(a):
     return np.sqrt(np.einsum("ij,ij->i", a, a)) * _UP
 
 
-def _row_scales(w):
-    """Symmetric int8 scales, one per row (float32); 1 for a row whose max is 0 or underflows."""
-    s = (np.abs(w).max(axis=1) / 127.0).astype(np.float32)
-    s[s == 0] = 1.0
-    return s.astype(np.float64)
-
-
 def _pad_cols(a, width):
     out = np.zeros((a.shape[0], width), dtype=np.int8)
     out[:, :a.shape[1]] = a
     return out
 
 
-def _quantize_out_rows(w_out):
-    """int8 output rows (rows, d_out) as float64 integers, and their float32 scales (as float64)."""
-    wo = np.asarray(w_out, dtype=np.float64)
-    s_out = _row_scales(wo)
-    return np.clip(np.rint(wo / s_out[:, None]), -127, 127), s_out
+def _quantize_rows(w):
+    """int8 rows of a float32 (rows, width) array by the project's rule (pyfff.quantize._symmetric_int8), as float64
+    integers, and their float32 scales as float64 (0 for an all-zero row)."""
+    q, scale = _symmetric_int8(np.asarray(w, dtype=np.float32), axis=1)
+    return q.astype(np.float64), scale.astype(np.float64)
 
 
 def _pack_out_rows(q_out):
@@ -81,10 +74,13 @@ def prepare_int8(w_in, b_in, w_out):
     w = np.asarray(w_in, dtype=np.float64)
     d_in = w.shape[1]
     b = np.zeros(w.shape[0]) if b_in is None else np.asarray(b_in, dtype=np.float64)
-    s = _row_scales(w)
-    q = np.clip(np.rint(w / s[:, None]), -127, 127)
+    if d_in > MAX_K:
+        raise ValueError(f"the int8 FFF layer takes at most {MAX_K} input features, got {d_in} (its int32 sums of "
+                         "255 x 127 products would overflow beyond)")
+    q, s = _quantize_rows(w_in)
     w1 = s[:, None] * q                                   # exact: 24-bit scale times 8-bit integer
-    q2 = np.clip(np.rint((w - w1) / (s[:, None] / 256)), -127, 127)
+    step = np.where(s > 0, s, 1)[:, None] / 256           # the residual's scale (an all-zero row has none)
+    q2 = np.clip(np.rint((w - w1) / step), -127, 127)
     w2 = w1 + (s[:, None] / 256) * q2                     # exact: a multiple of s / 256 by a 16-bit integer
     u = 2.0**-24
     g = (d_in + 1) * u / (1 - (d_in + 1) * u)              # float32 dot product + bias add, any order
@@ -99,7 +95,7 @@ def prepare_int8(w_in, b_in, w_out):
     rec[:, 6] = b
     rec[:, 7] = q.sum(axis=1)
     rec[:, 8] = q2.sum(axis=1)
-    q_out, s_out = _quantize_out_rows(w_out)
+    q_out, s_out = _quantize_rows(w_out)
     return {
         "q": _pad_cols(q.astype(np.int8), _padded(d_in)),
         "q2": _pad_cols(q2.astype(np.int8), _padded(d_in)),
@@ -188,7 +184,7 @@ def int8_reference(layer, x):
             rows[:, t, lev] = r
             node = 2 * node + 1 + (z > 0)
     act = apply_activation(logit.astype(np.float64), layer.activation) * a["s_out"][rows]
-    q_out, _ = _quantize_out_rows(layer.float_layer.w_out)
+    q_out, _ = _quantize_rows(layer.float_layer.w_out)
     y = np.einsum("ntk,ntkd->nd", act, q_out[rows])
     return y, routes, level, bound
 
@@ -237,7 +233,7 @@ class Int8FFF:
         self.float_layer = layer
         self._arrays = prepare_int8(layer.w_in, layer.b_in, layer.w_out)
         self._kernel = _fff_int8.Int8Kernel(self._arrays, layer.d_in, layer.d_out, layer.depth, layer.n_trees,
-                                            layer._act_code, layer.serial_below, _openmp_effective_n_threads, path)
+                                            layer._act_code, layer._bound.threads_for, path)
         self.last_stats = None
 
     # The float32 layer's shape and settings.
@@ -262,7 +258,7 @@ class Int8FFF:
         return sum(self._arrays[k].nbytes for k in ("q", "q2", "rec", "q_out", "s_out"))
 
     def _fill(self, x2, y, r, n_threads):
-        self._note(self._kernel.fill(x2, y, r, self._kernel.threads_for(n_threads, x2.shape[0])))
+        self._note(self._kernel.fill(x2, y, r, self.float_layer._bound.threads_for(n_threads, x2.shape[0])))
 
     def _note(self, stats):
         self.last_stats = {"nodes": stats[0], "level2": stats[1], "float32": stats[2]}

@@ -64,9 +64,18 @@ def quantize_weight(w):
                          "(their int32 sums of 255 x 127 products would overflow beyond)")
     if not np.isfinite(w).all():
         raise ValueError("weight has non-finite values")
-    scale = (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32)          # (N,)
-    safe = np.where(scale > 0, scale, np.float32(1))                                # (N,) no division by 0
-    q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)                       # (K, N)
+    return _symmetric_int8(w, axis=0)
+
+
+def _symmetric_int8(w, axis):
+    """The project's int8 rule: ``q = rint(w / scale)`` in [-127, 127], ``scale = max |w| / 127`` along ``axis``.
+
+    ``w`` float32; returns (q int8 of w's shape, scale float32 with ``axis`` removed; 0 for an all-zero slice,
+    whose q is 0). Used by the dense int8 layers (per output channel) and the int8 FFF layer (per neuron row).
+    """
+    scale = (np.abs(w).max(axis=axis) / np.float32(127)).astype(np.float32)
+    safe = np.expand_dims(np.where(scale > 0, scale, np.float32(1)), axis)         # no division by 0
+    q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
     return q, scale
 
 

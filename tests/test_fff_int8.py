@@ -241,3 +241,19 @@ def test_prepared_rows():
     assert (np.linalg.norm(w - w2, axis=1) <= a["rec"][:, 2]).all()
     assert (np.linalg.norm(w - w2, axis=1) < np.linalg.norm(w - w1, axis=1) / 50).all()
     np.testing.assert_array_equal(a["rec"][:, 7], a["q"].sum(axis=1))
+
+
+def test_widest_input_sums_exactly():
+    """At MAX_K input features the int32 sums of the largest codes (255 x 127 each) still fit; one more is refused."""
+    from pyfff.quantize import MAX_K
+
+    x = np.ones((2, MAX_K), np.float32)
+    x[1] *= -1
+    for bias in (-MAX_K * 0.5, -MAX_K + 0.5, -MAX_K - 0.5):      # logits far from 0, then just above and below
+        layer = FFF(np.ones((1, MAX_K), np.float32), np.array([bias], np.float32), np.ones((1, 3), np.float32))
+        q = layer.quantize("int8")
+        np.testing.assert_array_equal(q.routes(x), layer.routes(x))
+        y_ref = int8_reference(q, x)[0]
+        np.testing.assert_allclose(q(x), y_ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="at most 65536 input features"):
+        FFF(np.ones((1, MAX_K + 1), np.float32), None, np.ones((1, 3), np.float32)).quantize("int8")
