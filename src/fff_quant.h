@@ -183,31 +183,8 @@ FFF_INLINE void fq_quantize_token(const float *x, ptrdiff_t d_in, ptrdiff_t kp, 
 {
     typedef float vf16 __attribute__((vector_size(64)));
     typedef int32_t vi16 __attribute__((vector_size(64)));
-    float lo = 0.0f, hi = 0.0f;
-    int finite = 1;
-    ptrdiff_t j0 = 0;
-    if (d_in >= 16) { /* 16 running extremes (exact in any order), selected with masks */
-        vf16 vlo = {0}, vhi = {0};
-        vi16 ok = (vi16){0} - 1;
-        for (; j0 + 16 <= d_in; j0 += 16) {
-            vf16 v;
-            memcpy(&v, x + j0, sizeof v);
-            const vi16 below = v < vlo, above = v > vhi;
-            vlo = (vf16)((below & (vi16)v) | (~below & (vi16)vlo));
-            vhi = (vf16)((above & (vi16)v) | (~above & (vi16)vhi));
-            ok &= (v - v) == 0.0f; /* false for NaN and +-inf */
-        }
-        for (int t = 0; t < 16; t++) {
-            lo = vlo[t] < lo ? vlo[t] : lo;
-            hi = vhi[t] > hi ? vhi[t] : hi;
-            finite &= ok[t] != 0;
-        }
-    }
-    for (ptrdiff_t j = j0; j < d_in; j++) {
-        lo = x[j] < lo ? x[j] : lo;
-        hi = x[j] > hi ? x[j] : hi;
-        finite &= x[j] - x[j] == 0.0f;
-    }
+    float lo, hi;
+    const int finite = qg_row_range(x, d_in, &lo, &hi);
     tq[FQ_TFINITE] = finite; /* 0: no codes; the token takes the float32 logit at every node */
     if (!finite) {
         tq[FQ_TSX] = tq[FQ_TZP] = tq[FQ_TNX] = tq[FQ_TEX] = 0.0;

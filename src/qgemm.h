@@ -103,6 +103,42 @@ typedef int32_t qg_v16i __attribute__((vector_size(64)));
  * Columns k..kp-1 of q are zero-filled.  Written as plain loops: min/max are
  * exact in any order and every other step is elementwise, so every build
  * gives the same bytes.  Non-finite inputs give unspecified bytes. */
+/* lo = min(x[0:k], 0) and hi = max(x[0:k], 0), exact in any order; returns whether every x is finite (NaN and
+ * infinities are never selected as extremes by the comparisons, so they are checked apart). */
+QG_INLINE int qg_row_range(const float *x, ptrdiff_t k, float *lo_out, float *hi_out)
+{
+    float lo = 0.0f, hi = 0.0f;
+    int finite = 1;
+    ptrdiff_t j0 = 0;
+#if QG_VECTOR_EXT
+    if (k >= 16) { /* 16 running extremes, selected with masks */
+        qg_v16f vlo = {0}, vhi = {0};
+        qg_v16i ok = (qg_v16i){0} - 1;
+        for (; j0 + 16 <= k; j0 += 16) {
+            qg_v16f v;
+            memcpy(&v, x + j0, sizeof v);
+            qg_v16i below = (qg_v16i)(v < vlo), above = (qg_v16i)(v > vhi);
+            vlo = (qg_v16f)((below & (qg_v16i)v) | (~below & (qg_v16i)vlo));
+            vhi = (qg_v16f)((above & (qg_v16i)v) | (~above & (qg_v16i)vhi));
+            ok &= (qg_v16i)((v - v) == 0.0f); /* false for NaN and +-inf */
+        }
+        for (int t = 0; t < 16; t++) {
+            lo = vlo[t] < lo ? vlo[t] : lo;
+            hi = vhi[t] > hi ? vhi[t] : hi;
+            finite &= ok[t] != 0;
+        }
+    }
+#endif
+    for (ptrdiff_t j = j0; j < k; j++) {
+        lo = x[j] < lo ? x[j] : lo;
+        hi = x[j] > hi ? x[j] : hi;
+        finite &= x[j] - x[j] == 0.0f;
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+    return finite;
+}
+
 QG_CLONES
 static void qg_quantize_rows(const float *x, ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t k, ptrdiff_t kp, uint8_t *q,
                              float *scale, int32_t *zp)
@@ -110,28 +146,8 @@ static void qg_quantize_rows(const float *x, ptrdiff_t ldx, ptrdiff_t m, ptrdiff
     for (ptrdiff_t i = 0; i < m; i++) {
         const float *xi = x + i * ldx;
         uint8_t *qi = q + i * kp;
-        float lo = 0.0f, hi = 0.0f;
-        ptrdiff_t j0 = 0;
-#if QG_VECTOR_EXT
-        if (k >= 16) { /* 16 running extremes (exact in any order), selected with masks */
-            qg_v16f vlo = {0}, vhi = {0};
-            for (; j0 + 16 <= k; j0 += 16) {
-                qg_v16f v;
-                memcpy(&v, xi + j0, sizeof v);
-                qg_v16i below = (qg_v16i)(v < vlo), above = (qg_v16i)(v > vhi);
-                vlo = (qg_v16f)((below & (qg_v16i)v) | (~below & (qg_v16i)vlo));
-                vhi = (qg_v16f)((above & (qg_v16i)v) | (~above & (qg_v16i)vhi));
-            }
-            for (int t = 0; t < 16; t++) {
-                lo = vlo[t] < lo ? vlo[t] : lo;
-                hi = vhi[t] > hi ? vhi[t] : hi;
-            }
-        }
-#endif
-        for (ptrdiff_t j = j0; j < k; j++) {
-            lo = xi[j] < lo ? xi[j] : lo;
-            hi = xi[j] > hi ? xi[j] : hi;
-        }
+        float lo, hi;
+        qg_row_range(xi, k, &lo, &hi);
         float range = hi - lo;
         float inv = range > 0.0f ? 255.0f / range : 0.0f;
         float z = rintf(-lo * inv);
